@@ -209,22 +209,31 @@ class PickScore(ClipRewardBase):
         return self.model.logit_scale.float().exp() * cosine
 
 
-def aesthetic_head(input_dim: int = 768) -> nn.Sequential:
+class AestheticHead(nn.Module):
     """The LAION improved-aesthetic-predictor MLP (no activations, dropout between the first linears).
 
-    Module indices match the released state dicts: `layers.0`, `layers.2`, `layers.4`, `layers.6`, `layers.7`
-    are the linears 768→1024→128→64→16→1 (the input follows the CLIP projection size).
+    The module names match the released state dicts: `layers.0`, `layers.2`, `layers.4`, `layers.6` and
+    `layers.7` are the linears 768→1024→128→64→16→1 (the input follows the CLIP projection size).
+
+    Args:
+        input_dim (`int`, *optional*, defaults to 768): size of the CLIP image embedding.
     """
-    return nn.Sequential(
-        nn.Linear(input_dim, 1024),
-        nn.Dropout(0.2),
-        nn.Linear(1024, 128),
-        nn.Dropout(0.2),
-        nn.Linear(128, 64),
-        nn.Dropout(0.1),
-        nn.Linear(64, 16),
-        nn.Linear(16, 1),
-    )
+
+    def __init__(self, input_dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(input_dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeddings)
 
 
 def _load_state_dict(path: str) -> dict:
@@ -284,7 +293,7 @@ class AestheticScorer(ClipRewardBase):
     def _load_extra(self, model, device):
         input_dim = model.config.projection_dim
         state = _load_state_dict(self._head_file())
-        head = aesthetic_head(input_dim)
+        head = AestheticHead(input_dim)
         expected = set(head.state_dict())
         if set(state) != expected:
             raise ValueError(
