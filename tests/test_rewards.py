@@ -140,7 +140,8 @@ def test_torch_preprocessing_matches_transformers(height, width, size):
 def test_torch_preprocessing_on_noise_close_on_average():
     # On white noise the bicubic kernel overshoots, and PIL clips after its first pass whereas torch clips once
     # at the end: single pixels can then differ by ~0.2, so only the mean difference is meaningful here.
-    processor = reward_helpers.image_processor_class()(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor_class = reward_helpers.image_processor_class()
+    processor = processor_class(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     image = (torch.rand(3, 80, 60, generator=torch.Generator().manual_seed(1)) * 255).round().to(torch.uint8)
     reference = processor(images=image, return_tensors="pt")["pixel_values"]
     ours = clip_preprocess(image[None].float() / 255, ClipImageSpec.from_processor_config(processor.to_dict(), 32))
@@ -175,7 +176,9 @@ def test_composite_weights_and_components():
 
 def test_composite_user_callables_lists_and_duplicate_names():
     scorer = reward_helpers.ConstantReward(3.0)
-    comp = CompositeReward({scorer: 1.0, reward_helpers.ConstantReward(1.0): 0.5, reward_helpers.prompt_length_reward: 1})
+    comp = CompositeReward(
+        {scorer: 1.0, reward_helpers.ConstantReward(1.0): 0.5, reward_helpers.prompt_length_reward: 1}
+    )
     rewards, meta = comp(torch.rand(2, 3, 8, 8), ["ab", "abcd"], None)
     assert list(meta["components"]) == ["ConstantReward", "ConstantReward_1", "prompt_length_reward"]
     assert torch.allclose(rewards, torch.tensor([3.0 + 0.5 + 2.0, 3.0 + 0.5 + 4.0]))
@@ -214,9 +217,8 @@ def test_composite_bad_part_output_and_arguments():
 
 
 def test_builtin_names_listed_and_resolved():
-    assert {"jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "pickscore", "toy_alignment"} <= set(
-        list_rewards()
-    )
+    builtins = {"jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "pickscore", "toy_alignment"}
+    assert builtins <= set(list_rewards())
     assert isinstance(get_reward("jpeg_compressibility"), JpegCompressibility)
     assert get_reward("jpeg_incompressibility", quality=80).quality == 80
     from b2trl.rewards import AestheticScorer, CLIPScore, PickScore

@@ -188,7 +188,8 @@ def test_unreachable_hub_id_error_says_how_to_go_offline(images, monkeypatch):
 
     # Offline mode makes the Hub client fail at once instead of retrying a network it cannot reach.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(OSError, match=r"(?s)'nobody-xyz/no-such-clip'.*pass that local folder to `model_name_or_path=`.*HF_HUB_OFFLINE"):
+    expected = r"(?s)'nobody-xyz/no-such-clip'.*pass that local folder to `model_name_or_path=`.*HF_HUB_OFFLINE"
+    with pytest.raises(OSError, match=expected):
         CLIPScore("nobody-xyz/no-such-clip")(images, PROMPTS, None)
 
 
@@ -198,6 +199,16 @@ def test_unreachable_head_error(tiny_clip, images, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RewardModelNotFoundError, match="`head_name_or_path=`"):
         AestheticScorer(tiny_clip, head_name_or_path="nobody-xyz/no-such-head").to()
+
+
+def test_bad_constructor_arguments(tiny_clip):
+    with pytest.raises(ValueError, match="`dtype` must be a torch dtype"):
+        CLIPScore(tiny_clip, dtype="float99")
+    with pytest.raises(ValueError, match="`max_batch_size`"):
+        CLIPScore(tiny_clip, max_batch_size=0)
+    with pytest.raises(TypeError, match="`model_name_or_path` must be a Hub id or a local path"):
+        CLIPScore(42)
+    assert CLIPScore(tiny_clip, dtype="bfloat16").dtype == torch.bfloat16
 
 
 def test_prompt_count_checked_before_loading(tiny_clip, images):

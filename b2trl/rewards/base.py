@@ -44,7 +44,8 @@ def check_reward_inputs(images, prompts, prompt_metadata=None) -> torch.Tensor:
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(
-            f"`images` must be a torch.Tensor of shape (B, 3, H, W) with values in [0, 1], got {type(images).__name__}; "
+            "`images` must be a torch.Tensor of shape (B, 3, H, W) with values in [0, 1], "
+            f"got {type(images).__name__}; "
             "convert arrays with `torch.from_numpy(array).permute(0, 3, 1, 2) / 255`."
         )
     if images.ndim != 4 or images.shape[1] != 3:
@@ -58,10 +59,13 @@ def check_reward_inputs(images, prompts, prompt_metadata=None) -> torch.Tensor:
             "for uint8 images pass `images.float() / 255`."
         )
     if isinstance(prompts, (str, bytes)):
-        raise TypeError("`prompts` must be a sequence of strings (one per image), not a single string; wrap it in a list.")
+        raise TypeError(
+            "`prompts` must be a sequence of strings (one per image), not a single string; wrap it in a list."
+        )
     if len(prompts) != images.shape[0]:
         raise ValueError(
-            f"`prompts` has {len(prompts)} entries but `images` has {images.shape[0]}; pass exactly one prompt per image."
+            f"`prompts` has {len(prompts)} entries but `images` has {images.shape[0]}; "
+            "pass exactly one prompt per image."
         )
     if prompt_metadata is not None and hasattr(prompt_metadata, "__len__") and len(prompt_metadata) != images.shape[0]:
         raise ValueError(

@@ -71,13 +71,19 @@ class ClipRewardBase:
         max_batch_size: int | None = None,
     ):
         if not isinstance(model_name_or_path, (str, os.PathLike)):
-            raise TypeError(f"`model_name_or_path` must be a Hub id or a local path, got {type(model_name_or_path).__name__}.")
+            raise TypeError(
+                f"`model_name_or_path` must be a Hub id or a local path, got {type(model_name_or_path).__name__}."
+            )
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"`max_batch_size` must be a positive integer or None, got {max_batch_size}.")
         self.model_name_or_path = os.fspath(model_name_or_path)
         self.processor_name_or_path = os.fspath(processor_name_or_path or model_name_or_path)
         self.device = torch.device(device) if device is not None else None
-        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"`dtype` must be a torch dtype or its name (e.g. 'float16'), got {dtype!r}.")
+            dtype = getattr(torch, dtype)
+        self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.model = None
         self.tokenizer = None
@@ -142,7 +148,8 @@ class ClipRewardBase:
             max_length=self.model.config.text_config.max_position_embeddings,
             return_tensors="pt",
         ).to(self._model_device)
-        return _normalize(_features(self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])))
+        features = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return _normalize(_features(features))
 
     def score(self, images: torch.Tensor, prompts) -> torch.Tensor:
         raise NotImplementedError
