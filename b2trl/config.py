@@ -1,0 +1,163 @@
+"""Configuration of the B²-DiffuRL trainer: TRL's `DDPOConfig` plus branching, selection and the schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from trl import DDPOConfig
+
+from .schedule import IntervalSchedule
+from .selection import SELECTION_RULES
+
+
+@dataclass
+class B2DiffuRLConfig(DDPOConfig):
+    r"""
+    Configuration class for [`B2DiffuRLTrainer`].
+
+    Extends [`~trl.DDPOConfig`]; its defaults reproduce the reference B²-DiffuRL run (20 DDIM steps, eta 1.0,
+    guidance 5.0, PPO clip range 0.1, learning rate 1e-4, 2 inner epochs, 8 prompts × 5 branches per sampling
+    batch, 32 batches per stage, 100 stages). One epoch of [`~trl.DDPOTrainer.train`] is one *stage*.
+    Usable with [`~transformers.HfArgumentParser`]; parse [`IntervalSchedule`] as a separate dataclass and
+    assign it to `interval_schedule`.
+
+    Fields of `DDPOConfig` that this trainer replaces: `train_timestep_fraction` (the interval schedule decides
+    which steps are trained) and `per_prompt_stat_tracking*` (statistics are always per prompt, over the last
+    `history_stages` stages).
+
+    Parameters:
+        num_branches (`int`, *optional*, defaults to `5`):
+            Branches sampled from each prompt's shared prefix; one group per prompt.
+        selection_threshold_best (`float`, *optional*, defaults to `0.5`):
+            The best branch of a group is trained on if its z-score is at least this.
+        selection_threshold_worst (`float`, *optional*, defaults to `-0.5`):
+            The worst branch of a group is trained on if its z-score is below this.
+        selection_rule (`str`, *optional*, defaults to `"best_worst"`):
+            `"best_worst"` (the method) or `"all"` (train on every branch, DDPO-style; an ablation).
+        history_stages (`int`, *optional*, defaults to `8`):
+            Previous stages whose rewards are pooled with the current stage's for the per-prompt z-score.
+        interval_schedule (`IntervalSchedule`, *optional*):
+            Which final denoising steps are trained at each stage (reference: 14 + floor(7k/100) of 20).
+        rollout_chunk_size (`int` or `None`, *optional*, defaults to `None`):
+            At most this many images per UNet/VAE call while sampling, to bound memory. `None`: no chunking.
+    """
+
+    num_branches: int = field(
+        default=5, metadata={"help": "Branches sampled from each prompt's shared prefix (one group per prompt)."}
+    )
+    selection_threshold_best: float = field(
+        default=0.5, metadata={"help": "Keep a group's best branch if its per-prompt z-score is >= this."}
+    )
+    selection_threshold_worst: float = field(
+        default=-0.5, metadata={"help": "Keep a group's worst branch if its per-prompt z-score is < this."}
+    )
+    selection_rule: str = field(
+        default="best_worst",
+        metadata={
+            "help": "'best_worst' (B²-DiffuRL) or 'all' (train on every branch; an ablation).",
+            "choices": list(SELECTION_RULES),
+        },
+    )
+    history_stages: int = field(
+        default=8, metadata={"help": "Previous stages pooled with the current one for per-prompt z-scores."}
+    )
+    interval_schedule: IntervalSchedule = field(
+        default_factory=IntervalSchedule,
+        metadata={
+            "help": "The backward progressive interval schedule. From the command line use the IntervalSchedule "
+            "flags (--initial_length, --num_stages, --milestones); in Python pass an IntervalSchedule."
+        },
+    )
+    rollout_chunk_size: Optional[int] = field(
+        default=None, metadata={"help": "Max images per UNet/VAE call while sampling (bounds memory)."}
+    )
+
+    # reference defaults that differ from DDPOConfig's
+    tracker_project_name: str = field(default="b2trl", metadata={"help": "Name of the tracker project."})
+    num_epochs: int = field(default=100, metadata={"help": "Number of stages (one sample-score-train round each)."})
+    sample_num_steps: int = field(default=20, metadata={"help": "Number of DDIM sampling steps T."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta; must be > 0 (stochastic policy)."})
+    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})
+    sample_batch_size: int = field(
+        default=8, metadata={"help": "Prompts per sampling batch (each sampled num_branches times)."}
+    )
+    sample_num_batches_per_epoch: int = field(
+        default=32, metadata={"help": "Sampling batches per stage (per process)."}
+    )
+    train_batch_size: int = field(default=2, metadata={"help": "Kept samples per training micro-batch."})
+    train_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate."})
+    train_gradient_accumulation_steps: int = field(
+        default=64,
+        metadata={
+            "help": "Micro-batches per optimizer step; each micro-batch contributes one backward pass per "
+            "interval step, so a step follows train_gradient_accumulation_steps * L_k backward passes. The "
+            "last window of an inner epoch steps with what it has."
+        },
+    )
+    train_num_inner_epochs: int = field(default=2, metadata={"help": "Passes over each stage's kept samples."})
+    train_clip_range: float = field(default=0.1, metadata={"help": "PPO clip range epsilon."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.interval_schedule, dict):
+            self.interval_schedule = IntervalSchedule(**self.interval_schedule)
+        if not isinstance(self.interval_schedule, IntervalSchedule):
+            raise ValueError(
+                f"interval_schedule must be an IntervalSchedule (or a dict of its fields), "
+                f"got {type(self.interval_schedule).__name__}."
+            )
+        errors = self.validation_errors()
+        if errors:
+            raise ValueError("Invalid B2DiffuRLConfig:\n- " + "\n- ".join(errors))
+
+    def validation_errors(self) -> list[str]:
+        """Every problem with this configuration, one message each, naming the field and the fix."""
+        errors = []
+
+        def positive(name, minimum=1):
+            value = getattr(self, name)
+            if value is None or value < minimum:
+                errors.append(f"{name} must be >= {minimum}, got {value}.")
+
+        for name in ("sample_batch_size", "sample_num_batches_per_epoch", "train_batch_size",
+                     "train_gradient_accumulation_steps", "train_num_inner_epochs", "sample_num_steps"):
+            positive(name)
+        positive("num_epochs", 0)
+        positive("history_stages", 0)
+        positive("num_branches", 2)
+        if self.rollout_chunk_size is not None:
+            positive("rollout_chunk_size")
+        if not (self.sample_eta > 0 and math.isfinite(self.sample_eta)):
+            errors.append(
+                f"sample_eta must be > 0, got {self.sample_eta}: with eta = 0 DDIM is deterministic and the "
+                "transitions have no log-probability to optimise."
+            )
+        if self.selection_threshold_best < self.selection_threshold_worst:
+            errors.append(
+                f"selection_threshold_best ({self.selection_threshold_best}) must be >= selection_threshold_worst "
+                f"({self.selection_threshold_worst}); the thresholds look swapped."
+            )
+        if self.selection_rule not in SELECTION_RULES:
+            errors.append(f"selection_rule must be one of {SELECTION_RULES}, got {self.selection_rule!r}.")
+        if not self.train_clip_range > 0:
+            errors.append(f"train_clip_range must be > 0, got {self.train_clip_range}.")
+        if not self.train_adv_clip_max > 0:
+            errors.append(f"train_adv_clip_max must be > 0, got {self.train_adv_clip_max}.")
+        if self.sample_num_steps >= 1:
+            try:
+                self.interval_schedule.validate(self.sample_num_steps)
+            except ValueError as err:
+                errors.append(str(err))
+        return errors
+
+    def to_dict(self) -> dict:
+        """A flat dict of scalars (what trackers such as TensorBoard's hparams accept)."""
+        flat = {}
+        for key, value in asdict(self).items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, sub_value in items:
+                name = key if sub is None else f"{key}/{sub}"
+                flat[name] = sub_value if isinstance(sub_value, (int, float, str, bool)) else str(sub_value)
+        return flat

@@ -1,0 +1,107 @@
+"""Per-prompt reward statistics, advantages and the best/worst selection rule of B²-DiffuRL.
+
+Pure NumPy: no torch modules, no accelerate, so the rule is unit-tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Sequence
+
+import numpy as np
+
+SELECTION_RULES = ("best_worst", "all")
+
+
+class PromptRewardHistory:
+    """
+    Rewards seen for each prompt over the current stage and the previous `history_stages` stages.
+
+    [`PromptRewardHistory.update`] adds one stage's rewards and returns their z-scores against the pooled
+    rewards of that prompt in the window (this stage included). TRL's `PerPromptStatTracker` keeps a fixed
+    number of samples; this one keeps a fixed number of *stages*, as the method prescribes.
+
+    Args:
+        history_stages (`int`):
+            How many previous stages are pooled with the current one (reference: 8).
+        eps (`float`, *optional*, defaults to `1e-6`):
+            A prompt whose pooled standard deviation is below `eps` gets z = 0: its samples did not differ.
+    """
+
+    def __init__(self, history_stages: int, eps: float = 1e-6):
+        if history_stages < 0:
+            raise ValueError(f"history_stages must be >= 0, got {history_stages}.")
+        self.history_stages = history_stages
+        self.eps = eps
+        self._stages: dict[str, deque] = {}
+
+    def update(self, prompts: Sequence[str], rewards: Iterable[float]) -> np.ndarray:
+        """Record one stage's `rewards` (one per prompt occurrence) and return their z-scores."""
+        rewards = np.asarray(list(rewards) if not isinstance(rewards, np.ndarray) else rewards, dtype=np.float64)
+        if rewards.ndim != 1 or len(prompts) != len(rewards):
+            raise ValueError(f"got {len(prompts)} prompts for rewards of shape {rewards.shape}; they must match.")
+        prompts = np.asarray(prompts, dtype=object)
+        z = np.zeros_like(rewards)
+        for prompt in dict.fromkeys(prompts.tolist()):
+            rows = prompts == prompt
+            window = self._stages.setdefault(prompt, deque(maxlen=self.history_stages + 1))
+            window.append(rewards[rows])
+            pooled = np.concatenate(list(window))
+            std = pooled.std()
+            z[rows] = 0.0 if std < self.eps else (rewards[rows] - pooled.mean()) / std
+        return z
+
+    def stats(self) -> dict[str, tuple[float, float, int]]:
+        """Mean, std and sample count of each prompt's pooled window."""
+        out = {}
+        for prompt, window in self._stages.items():
+            pooled = np.concatenate(list(window))
+            out[prompt] = (float(pooled.mean()), float(pooled.std()), int(pooled.size))
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "history_stages": self.history_stages,
+            "stages": {p: [w.tolist() for w in window] for p, window in self._stages.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._stages = {
+            p: deque((np.asarray(w, dtype=np.float64) for w in windows), maxlen=self.history_stages + 1)
+            for p, windows in state["stages"].items()
+        }
+
+
+def select_best_worst(z: np.ndarray, threshold_best: float, threshold_worst: float) -> np.ndarray:
+    """
+    The B²-DiffuRL selection rule on a ``(groups, branches)`` array of z-scores.
+
+    In each group the best branch is kept if its z >= `threshold_best` and the worst branch if its
+    z < `threshold_worst`; every other branch is dropped. A group whose branches barely differ keeps nothing.
+
+    Returns:
+        A boolean mask of the same shape: `True` for kept samples.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"z must have shape (groups, branches), got {z.shape}.")
+    keep = np.zeros(z.shape, dtype=bool)
+    rows = np.arange(z.shape[0])
+    best, worst = z.argmax(axis=1), z.argmin(axis=1)
+    keep[rows, best] = z[rows, best] >= threshold_best
+    keep[rows, worst] |= z[rows, worst] < threshold_worst
+    return keep
+
+
+def select(z: np.ndarray, rule: str, threshold_best: float, threshold_worst: float) -> np.ndarray:
+    """Apply a selection `rule` (``"best_worst"`` or ``"all"``) to ``(groups, branches)`` z-scores."""
+    if rule == "best_worst":
+        return select_best_worst(z, threshold_best, threshold_worst)
+    if rule == "all":
+        return np.ones(np.shape(z), dtype=bool)
+    raise ValueError(f"selection_rule must be one of {SELECTION_RULES}, got {rule!r}.")
+
+
+def advantages_from_z(z: np.ndarray, clip: float) -> np.ndarray:
+    """Advantage of a kept sample: its z-score clipped to ``[-clip, clip]``."""
+    return np.clip(np.asarray(z, dtype=np.float64), -clip, clip)

@@ -1,0 +1,490 @@
+"""B²-DiffuRL on top of TRL's `DDPOTrainer`.
+
+One `train()` epoch is one stage: branch rollout → rewards → per-prompt z-scores over the history →
+best/worst selection per group → PPO-clip on the kept samples' interval steps → the schedule advances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections import defaultdict
+from concurrent import futures
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator, logging
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from tqdm.auto import tqdm
+from trl import DDPOTrainer
+
+from .config import B2DiffuRLConfig
+from .pipeline import ensure_accelerate_state
+from .rollout import branch_rollout, guided_noise_prediction
+from .selection import PromptRewardHistory, advantages_from_z, select
+
+logger = logging.get_logger(__name__)
+
+# keys of a recorded sample that have a time axis (one entry per interval step)
+TIME_KEYS = ("timesteps", "latents", "next_latents", "log_probs")
+
+
+def _callable_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+class B2DiffuRLTrainer(DDPOTrainer):
+    """
+    Trains a diffusion model with B²-DiffuRL: branch-based sampling and backward progressive training of the
+    final denoising steps, against a sparse (end-of-trajectory) reward.
+
+    Same constructor as [`~trl.DDPOTrainer`]; works with [`~trl.DefaultDDPOStableDiffusionPipeline`] (LoRA or
+    full fine-tuning).
+
+    Args:
+        config ([`B2DiffuRLConfig`]): Training configuration.
+        reward_function (`Callable[[torch.Tensor, tuple[str], tuple[Any]], tuple[torch.Tensor, Any]]`):
+            Scores images: `(images (B,3,H,W) in [0,1], prompts, prompt_metadata) -> (rewards (B,), metadata)`.
+        prompt_function (`Callable[[], tuple[str, Any]]`): Returns one `(prompt, metadata)` per call.
+        sd_pipeline ([`~trl.DDPOStableDiffusionPipeline`]): The pipeline to fine-tune.
+        image_samples_hook (`Callable[[Any, int, Any], Any]`, *optional*):
+            Called once per stage with `(prompt_image_data, global_step, tracker)`; `tracker` is `None` when no
+            tracker is configured.
+    """
+
+    _tag_names = ["trl", "b2trl", "b2-diffurl"]
+
+    def __init__(
+        self,
+        config: B2DiffuRLConfig,
+        reward_function: Callable[[torch.Tensor, tuple[str], tuple[Any]], Any],
+        prompt_function: Callable[[], tuple[str, Any]],
+        sd_pipeline,
+        image_samples_hook: Optional[Callable[[Any, Any, Any], Any]] = None,
+    ):
+        if not isinstance(config, B2DiffuRLConfig):
+            raise TypeError(f"config must be a B2DiffuRLConfig, got {type(config).__name__}.")
+        # The base constructor is not called: it fixes gradient accumulation from `train_timestep_fraction`,
+        # logs before accelerate has a state, and keeps the unwrapped UNet for training. What it sets up is
+        # rebuilt here in the order this trainer needs.
+        self.config = config
+        self.reward_fn = reward_function
+        self.prompt_fn = prompt_function
+        self.image_samples_callback = image_samples_hook
+        self.accelerator = self._build_accelerator()
+        if image_samples_hook is None:
+            logger.info("No image_samples_hook provided; no images will be logged.")
+        if self.accelerator.is_main_process:
+            self.accelerator.init_trackers(
+                config.tracker_project_name, config=config.to_dict(), init_kwargs=config.tracker_kwargs
+            )
+        set_seed(config.seed, device_specific=True)
+
+        self.sd_pipeline = sd_pipeline
+        self.sd_pipeline.set_progress_bar_config(disable=True)
+        self.use_lora = bool(getattr(sd_pipeline, "use_lora", False))
+        inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision, torch.float32
+        )
+        device = self.accelerator.device
+        self.sd_pipeline.vae.to(device, dtype=inference_dtype)
+        self.sd_pipeline.text_encoder.to(device, dtype=inference_dtype)
+        # full fine-tuning keeps fp32 master weights; with LoRA only the frozen base is cast down
+        self.sd_pipeline.unet.to(device, dtype=inference_dtype if self.use_lora else torch.float32)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+        trainable = self.sd_pipeline.get_trainable_layers()
+        params = trainable if isinstance(trainable, list) else [p for p in trainable.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("The pipeline has no trainable parameters: get_trainable_layers() returned none.")
+        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+        optimizer = self._setup_optimizer(params)
+        with torch.no_grad():
+            self.neg_prompt_embed = self._encode_prompts([config.negative_prompts or ""])
+        self.autocast = self.sd_pipeline.autocast or self.accelerator.autocast
+
+        if isinstance(trainable, list):
+            # a parameter list cannot be wrapped for DDP; it trains on one process only
+            self.trainable_params, self.optimizer = self.accelerator.prepare(trainable, optimizer)
+            self.training_unet = self.sd_pipeline.unet
+        else:
+            # train through the prepared module so DDP/FSDP see the forward and all-reduce gradients
+            self.training_unet, self.optimizer = self.accelerator.prepare(trainable, optimizer)
+            self.trainable_params = [p for p in self.training_unet.parameters() if p.requires_grad]
+        self.executor = futures.ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
+        self.history = PromptRewardHistory(config.history_stages)
+        self.first_epoch = 0
+        self.global_step = 0
+        if config.resume_from:
+            raise NotImplementedError(
+                "resume_from is not supported by B2DiffuRLTrainer yet; start a new run (set resume_from='')."
+            )
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build_accelerator(self) -> Accelerator:
+        config = self.config
+        ensure_accelerate_state(**({"cpu": True} if config.accelerator_kwargs.get("cpu") else {}))
+        mixed_precision = config.mixed_precision
+        if mixed_precision == "fp16" and not torch.cuda.is_available():
+            logger.warning("mixed_precision='fp16' needs a GPU; training in fp32 on this CPU-only machine.")
+            mixed_precision = "no"
+        project = dict(config.project_kwargs)
+        project.setdefault("project_dir", os.path.join(config.logdir, config.run_name or config.exp_name or "b2trl"))
+        project.setdefault("automatic_checkpoint_naming", True)
+        project.setdefault("total_limit", config.num_checkpoint_limit)
+        # accumulation is decided per stage (the interval length and kept count change), so the
+        # accelerator itself never accumulates
+        return Accelerator(
+            log_with=config.log_with,
+            mixed_precision=mixed_precision,
+            project_config=ProjectConfiguration(**project),
+            gradient_accumulation_steps=1,
+            **config.accelerator_kwargs,
+        )
+
+    def _config_check(self) -> tuple[bool, str]:
+        errors = self.config.validation_errors()
+        return (not errors, "\n".join(errors))
+
+    def _encode_prompts(self, prompts) -> torch.Tensor:
+        tokenizer = self.sd_pipeline.tokenizer
+        ids = tokenizer(
+            list(prompts),
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+        ).input_ids.to(self.accelerator.device)
+        return self.sd_pipeline.text_encoder(ids)[0]
+
+    def _save_model_hook(self, models, weights, output_dir):
+        unwrapped = [self.accelerator.unwrap_model(m) for m in models]
+        if self.accelerator.is_main_process:
+            self.sd_pipeline.save_checkpoint(unwrapped, weights, output_dir)
+        weights.pop()  # the pipeline wrote the weights; accelerate must not write them again
+
+    def _load_model_hook(self, models, input_dir):
+        self.sd_pipeline.load_checkpoint([self.accelerator.unwrap_model(m) for m in models], input_dir)
+        models.pop()
+
+    # ------------------------------------------------------------------ one stage
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """
+        Run stage `epoch`: sample, score, select, train. Returns the updated `global_step` (optimizer steps).
+        """
+        config, stage = self.config, epoch
+        num_steps = config.sample_num_steps
+        length = config.interval_schedule.length(stage, num_steps)
+        branch_point = num_steps - length
+
+        # 1. branch rollout: a shared prefix per prompt, then N branches over the interval
+        samples, prompt_image_data = self._generate_samples(
+            config.sample_num_batches_per_epoch, config.sample_batch_size, branch_point=branch_point
+        )
+        samples = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+
+        # 2. rewards
+        rewards, rewards_metadata = self.compute_rewards(prompt_image_data, is_async=config.async_reward_computation)
+        rewards = self._check_rewards(rewards, prompt_image_data, stage)
+        for data, reward, metadata in zip(prompt_image_data, rewards, rewards_metadata):
+            data.extend([reward, metadata])
+        if self.image_samples_callback is not None:
+            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
+            self.image_samples_callback(prompt_image_data, global_step, tracker)
+
+        # 3. per-prompt z-scores over the history (on every process, from the gathered rewards)
+        local_rewards = torch.cat(rewards)
+        all_rewards = self.accelerator.gather(local_rewards).cpu().numpy().astype(np.float64)
+        local_prompts = [p for data in prompt_image_data for p in data[1]]
+        all_prompts = gather_object(local_prompts) if self.accelerator.num_processes > 1 else local_prompts
+        z = self.history.update(all_prompts, all_rewards)
+        z = z.reshape(self.accelerator.num_processes, -1)[self.accelerator.process_index]
+
+        # 4. best/worst selection per group; groups never cross processes
+        keep = select(
+            z.reshape(-1, config.num_branches),
+            config.selection_rule,
+            config.selection_threshold_best,
+            config.selection_threshold_worst,
+        )
+        samples["advantages"] = torch.as_tensor(
+            advantages_from_z(z, config.train_adv_clip_max), dtype=torch.float32, device=self.accelerator.device
+        )
+        kept_counts = self.accelerator.gather(
+            torch.tensor([int(keep.sum())], device=self.accelerator.device)
+        ).cpu()
+        stats = {
+            "stage": stage,
+            "reward_mean": float(all_rewards.mean()),
+            "reward_std": float(all_rewards.std()),
+            "interval_length": length,
+            "branch_point": branch_point,
+            "groups_kept": int(self.accelerator.gather(torch.tensor([int(keep.any(1).sum())],
+                                                                    device=self.accelerator.device)).sum()),
+            "groups_total": int(keep.shape[0] * self.accelerator.num_processes),
+            "samples_kept": int(kept_counts.sum()),
+            "samples_total": int(all_rewards.size),
+        }
+        stats.update(self._reward_components(rewards_metadata))
+
+        # 5. PPO-clip on the kept samples' interval steps
+        if int(kept_counts.max()) == 0:
+            logger.warning(
+                f"Stage {stage}: no group passed the selection thresholds "
+                f"({config.selection_threshold_best}, {config.selection_threshold_worst}); skipping the update."
+            )
+            stats["skipped_update"] = 1
+        else:
+            stats["skipped_update"] = 0
+            rows, is_padding = pad_rows(keep.reshape(-1), int(kept_counts.max()))
+            kept = {k: v[rows] for k, v in samples.items()}
+            kept["advantages"] = kept["advantages"].masked_fill(
+                torch.as_tensor(is_padding, device=self.accelerator.device), 0.0
+            )
+            global_step, train_stats = self._train_stage(kept, stage, global_step)
+            stats.update(train_stats)
+        self.accelerator.log(stats, step=stage)
+        self.last_stage_stats = stats
+
+        # 6. checkpoint (every process calls save_state: FSDP/DeepSpeed need all of them)
+        if config.save_freq > 0 and stage != 0 and stage % config.save_freq == 0:
+            self.accelerator.save_state()
+        return global_step
+
+    def _generate_samples(self, iterations: int, batch_size: int, branch_point: int = 0):
+        """
+        Sample `iterations` batches of `batch_size` prompts, each with `num_branches` branches forking at
+        `branch_point`. Returns DDPO-layout sample dicts (rows grouped by prompt, time axis = interval steps)
+        and `[images, prompts, prompt_metadata]` per batch for the reward function.
+        """
+        config = self.config
+        samples, prompt_image_data = [], []
+        self.sd_pipeline.unet.eval()
+        n = config.num_branches
+        for _ in range(iterations):
+            prompts, prompt_metadata = zip(*[self.prompt_fn() for _ in range(batch_size)])
+            with torch.no_grad():
+                prompt_embeds = self._encode_prompts(prompts)
+                neg_embeds = self.neg_prompt_embed.repeat(batch_size, 1, 1)
+            with self.autocast():
+                rollout = branch_rollout(
+                    self.sd_pipeline,
+                    prompt_embeds,
+                    neg_embeds if config.train_cfg else None,
+                    num_inference_steps=config.sample_num_steps,
+                    branch_point=branch_point,
+                    num_branches=n,
+                    guidance_scale=config.sample_guidance_scale,
+                    eta=config.sample_eta,
+                    chunk_size=config.rollout_chunk_size,
+                )
+            samples.append(
+                {
+                    "prompt_embeds": prompt_embeds.repeat_interleave(n, dim=0),
+                    "negative_prompt_embeds": neg_embeds.repeat_interleave(n, dim=0),
+                    "timesteps": rollout.timesteps,
+                    "latents": rollout.latents,
+                    "next_latents": rollout.next_latents,
+                    "log_probs": rollout.log_probs,
+                }
+            )
+            prompt_image_data.append(
+                [
+                    rollout.images,
+                    tuple(p for p in prompts for _ in range(n)),
+                    tuple(m for m in prompt_metadata for _ in range(n)),
+                ]
+            )
+        return samples, prompt_image_data
+
+    def compute_rewards(self, prompt_image_pairs, is_async: bool = False):
+        """Score every batch; with `is_async` the batches are scored concurrently in a thread pool."""
+        if is_async:
+            pending = [self.executor.submit(self.reward_fn, *pair[:3]) for pair in prompt_image_pairs]
+            results = [job.result() for job in pending]
+        else:
+            results = [self.reward_fn(*pair[:3]) for pair in prompt_image_pairs]
+        rewards, metadata = [], []
+        for result in results:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise TypeError(
+                    f"reward_function {_callable_name(self.reward_fn)} must return (rewards, metadata), "
+                    f"got {type(result).__name__}."
+                )
+            # bf16/fp16 rewards are promoted: numpy has no bf16
+            rewards.append(torch.as_tensor(result[0], device=self.accelerator.device).float())
+            metadata.append(result[1])
+        return rewards, metadata
+
+    def _check_rewards(self, rewards, prompt_image_data, stage):
+        name = _callable_name(self.reward_fn)
+        for reward, (images, *_rest) in zip(rewards, prompt_image_data):
+            if reward.shape != (images.shape[0],):
+                raise ValueError(
+                    f"reward_function {name} returned rewards of shape {tuple(reward.shape)} at stage {stage}; "
+                    f"expected ({images.shape[0]},), one per image."
+                )
+            if not torch.isfinite(reward).all():
+                raise ValueError(
+                    f"reward_function {name} returned non-finite rewards (NaN/inf) at stage {stage}: "
+                    f"{reward.tolist()}"
+                )
+        return rewards
+
+    @staticmethod
+    def _reward_components(rewards_metadata) -> dict:
+        """Means of each part a composite reward reports in ``metadata["components"]``."""
+        parts = defaultdict(list)
+        for metadata in rewards_metadata:
+            if isinstance(metadata, dict) and isinstance(metadata.get("components"), dict):
+                for name, values in metadata["components"].items():
+                    parts[name].append(torch.as_tensor(values, dtype=torch.float32).reshape(-1).cpu())
+        return {f"reward/{name}": float(torch.cat(v).mean()) for name, v in parts.items()}
+
+    # ------------------------------------------------------------------ training
+
+    def _train_stage(self, samples: dict, stage: int, global_step: int) -> tuple[int, dict]:
+        """
+        PPO-clip over the kept samples for `train_num_inner_epochs` passes. An optimizer step follows every
+        `train_gradient_accumulation_steps` micro-batches (each one backward pass per interval step); the
+        last window of a pass steps with what it has. Every process holds the same number of rows here,
+        so all run the same number of backward passes and optimizer steps.
+        """
+        config, device = self.config, self.accelerator.device
+        total, num_timesteps = samples["timesteps"].shape
+        info = defaultdict(list)
+        self.training_unet.train()
+        for inner_epoch in range(config.train_num_inner_epochs):
+            perm = torch.randperm(total, device=device)
+            shuffled = {k: v[perm] for k, v in samples.items()}
+            # an independent order of the interval steps for each sample
+            time_perm = torch.argsort(torch.rand(total, num_timesteps, device=device), dim=1)
+            rows = torch.arange(total, device=device)[:, None]
+            for key in TIME_KEYS:
+                shuffled[key] = shuffled[key][rows, time_perm]
+            batches = [
+                slice(start, min(start + config.train_batch_size, total))
+                for start in range(0, total, config.train_batch_size)
+            ]
+            for first in range(0, len(batches), config.train_gradient_accumulation_steps):
+                window = batches[first : first + config.train_gradient_accumulation_steps]
+                window_rows = sum(b.stop - b.start for b in window)
+                for b_index, batch in enumerate(window):
+                    sample = {k: v[batch] for k, v in shuffled.items()}
+                    embeds = (
+                        torch.cat([sample["negative_prompt_embeds"], sample["prompt_embeds"]])
+                        if config.train_cfg
+                        else sample["prompt_embeds"]
+                    )
+                    weight = (batch.stop - batch.start) / (window_rows * num_timesteps)
+                    for j in range(num_timesteps):
+                        last = b_index == len(window) - 1 and j == num_timesteps - 1
+                        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.training_unet)
+                        with sync:
+                            loss, approx_kl, clipfrac = self.calculate_loss(
+                                sample["latents"][:, j],
+                                sample["timesteps"][:, j],
+                                sample["next_latents"][:, j],
+                                sample["log_probs"][:, j],
+                                sample["advantages"],
+                                embeds,
+                            )
+                            self.accelerator.backward(loss * weight)
+                        info["loss"].append(loss.detach())
+                        info["approx_kl"].append(approx_kl.detach())
+                        info["clipfrac"].append(clipfrac.detach())
+                grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, config.train_max_grad_norm)
+                if grad_norm is not None:
+                    info["grad_norm"].append(torch.as_tensor(grad_norm, device=device).float())
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+                global_step += 1
+        stats = {k: torch.stack(v).float().mean() for k, v in info.items()}
+        stats = {k: float(v) for k, v in self.accelerator.reduce(stats, reduction="mean").items()}
+        stats["optimizer_steps"] = sum(
+            math.ceil(math.ceil(total / config.train_batch_size) / config.train_gradient_accumulation_steps)
+            for _ in range(config.train_num_inner_epochs)
+        )
+        return global_step, stats
+
+    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
+        """
+        PPO-clip loss of one interval step for a micro-batch (same inputs and outputs as
+        [`~trl.DDPOTrainer.calculate_loss`]), evaluated through the *prepared* UNet so that distributed
+        wrappers synchronise gradients; TRL's version calls the bare UNet.
+
+        Returns:
+            `(loss, approx_kl, clipfrac)`, scalars.
+        """
+        config = self.config
+        log_prob = self.transition_log_prob(latents, timesteps, next_latents, embeds)
+        advantages = torch.clamp(advantages, -config.train_adv_clip_max, config.train_adv_clip_max)
+        ratio = torch.exp(log_prob - log_probs)
+        loss = self.loss(advantages, config.train_clip_range, ratio)
+        approx_kl = 0.5 * torch.mean((log_prob - log_probs) ** 2)
+        clipfrac = torch.mean((torch.abs(ratio - 1.0) > config.train_clip_range).float())
+        return loss, approx_kl, clipfrac
+
+    def transition_log_prob(self, latents, timesteps, next_latents, embeds) -> torch.Tensor:
+        """Log-probability of ``latents -> next_latents`` under the current policy (with gradients).
+
+        `embeds` is ``cat([negative, prompt])`` when `train_cfg` is set (as in TRL), else the prompt embeddings.
+        """
+        config = self.config
+        negative, positive = embeds.chunk(2) if config.train_cfg else (None, embeds)
+        with self.autocast():
+            noise_pred = guided_noise_prediction(
+                self.training_unet, latents, timesteps, positive, negative, config.sample_guidance_scale
+            )
+            return self.sd_pipeline.scheduler_step(
+                noise_pred, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents
+            ).log_probs
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self, epochs: Optional[int] = None) -> int:
+        """Run stages `first_epoch .. epochs - 1` (default `config.num_epochs`); returns the global step."""
+        epochs = self.config.num_epochs if epochs is None else epochs
+        bar = tqdm(
+            range(self.first_epoch, epochs),
+            desc="B²-DiffuRL stages",
+            unit="stage",
+            disable=not self.accelerator.is_local_main_process,
+            dynamic_ncols=True,
+        )
+        for epoch in bar:
+            self.global_step = self.step(epoch, self.global_step)
+            stats = self.last_stage_stats
+            bar.set_postfix(
+                reward=f"{stats['reward_mean']:.3f}",
+                L=stats["interval_length"],
+                kept=f"{stats['groups_kept']}/{stats['groups_total']}",
+            )
+        self.first_epoch = epochs
+        return self.global_step
+
+
+def pad_rows(keep: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """
+    Row indices of the kept samples, padded to `target` rows with other (or repeated) rows.
+
+    Padding rows are trained with advantage 0 (zero loss, zero gradient): they only make every process run the
+    same number of backward passes, which DDP's all-reduce requires.
+
+    Returns:
+        `(rows, is_padding)`: int64 indices and a bool mask of the padding rows.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    kept = np.flatnonzero(keep)
+    if target < len(kept):
+        raise ValueError(f"target ({target}) is smaller than the number of kept rows ({len(kept)}).")
+    pool = np.concatenate([np.flatnonzero(~keep), kept]) if len(keep) else kept
+    extra = np.resize(pool, target - len(kept)) if target > len(kept) else np.zeros(0, dtype=np.int64)
+    rows = np.concatenate([kept, extra]).astype(np.int64)
+    return rows, np.arange(target) >= len(kept)
