@@ -1,0 +1,63 @@
+"""Shared builders for trainer tests: small configs, prompt and reward functions."""
+
+import itertools
+
+import torch
+
+from b2trl import B2DiffuRLConfig, IntervalSchedule
+
+PROMPTS = ("a cat", "a dog", "a red circle", "a blue square")
+
+
+def small_config(**overrides) -> B2DiffuRLConfig:
+    values = dict(
+        num_epochs=2,
+        sample_num_steps=6,
+        sample_batch_size=2,
+        sample_num_batches_per_epoch=2,
+        num_branches=3,
+        train_batch_size=2,
+        train_gradient_accumulation_steps=2,
+        interval_schedule=IntervalSchedule(initial_length=2, num_stages=4),
+        mixed_precision="no",
+        save_freq=0,
+        seed=0,
+    )
+    values.update(overrides)
+    return B2DiffuRLConfig(**values)
+
+
+def cycling_prompts(prompts=PROMPTS):
+    source = itertools.cycle(prompts)
+
+    def prompt_fn():
+        return next(source), {}
+
+    return prompt_fn
+
+
+def brightness_reward(images, prompts, metadata):
+    return images.float().mean(dim=(1, 2, 3)), {}
+
+
+def lora_params(pipeline) -> dict:
+    return {n: p.detach().clone() for n, p in pipeline.unet.named_parameters() if "lora" in n}
+
+
+def max_change(before: dict, after: dict) -> float:
+    return max(float((before[n] - after[n]).abs().max()) for n in before)
+
+
+def constant_reward(images, prompts, metadata):
+    return torch.full((images.shape[0],), 0.5), {}
+
+
+def make_trainer(model_dir, reward=brightness_reward, hook=None, use_lora=True, **overrides):
+    from b2trl import B2DiffuRLTrainer, load_pipeline
+
+    pipeline = load_pipeline(model_dir, use_lora=use_lora)
+    return B2DiffuRLTrainer(small_config(**overrides), reward, cycling_prompts(), pipeline, hook)
+
+
+def cfg_embeds(sample):
+    return torch.cat([sample["negative_prompt_embeds"], sample["prompt_embeds"]])

@@ -1,0 +1,78 @@
+import torch
+
+from b2trl.rollout import branch_rollout
+from helpers import cfg_embeds, make_trainer
+
+
+def _embeds(trainer, prompts):
+    with torch.no_grad():
+        positive = trainer._encode_prompts(prompts)
+    return positive, trainer.neg_prompt_embed.repeat(len(prompts), 1, 1)
+
+
+def test_branches_share_a_bit_identical_branch_point_and_differ_after(tiny_model_dir):
+    trainer = make_trainer(tiny_model_dir)
+    positive, negative = _embeds(trainer, ["a cat", "a dog"])
+    torch.manual_seed(0)
+    out = branch_rollout(
+        trainer.sd_pipeline, positive, negative, num_inference_steps=6, branch_point=2, num_branches=3
+    )
+    assert out.latents.shape[:2] == (6, 4) and out.log_probs.shape == (6, 4) and out.images.shape[0] == 6
+    for group in range(2):
+        rows = out.latents[group * 3 : group * 3 + 3]
+        for branch in rows:
+            assert torch.equal(branch[0], out.branch_latents[group])  # bit-identical copies
+        for t in range(1, 4):  # every later latent differs between branches (independent noise)
+            assert not torch.equal(rows[0, t], rows[1, t]) and not torch.equal(rows[1, t], rows[2, t])
+    assert not torch.equal(out.branch_latents[0], out.branch_latents[1])
+    # transitions chain: the next latent of step t is the latent of step t+1
+    assert torch.equal(out.next_latents[:, :-1], out.latents[:, 1:])
+    expected_t = trainer.sd_pipeline.scheduler.timesteps[2:]
+    assert (out.timesteps == expected_t).all()
+    assert out.images.min() >= 0 and out.images.max() <= 1
+
+
+def test_chunking_bounds_the_unet_batch_and_keeps_the_prefix(tiny_model_dir):
+    trainer = make_trainer(tiny_model_dir)
+    positive, negative = _embeds(trainer, ["a cat", "a dog", "a red circle"])
+    seen = []
+    handle = trainer.sd_pipeline.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        noise = torch.randn(3, 4, 8, 8)
+        kwargs = dict(num_inference_steps=5, branch_point=3, num_branches=4, latents=noise)
+        torch.manual_seed(1)
+        chunked = branch_rollout(trainer.sd_pipeline, positive, negative, chunk_size=5, **kwargs)
+        chunked_max = max(seen)
+        seen.clear()
+        torch.manual_seed(1)
+        whole = branch_rollout(trainer.sd_pipeline, positive, negative, **kwargs)
+    finally:
+        handle.remove()
+    assert chunked_max <= 2 * 5  # CFG doubles the rows of each call
+    assert max(seen) == 2 * 12
+    assert chunked.latents.shape == whole.latents.shape == (12, 2, 4, 8, 8)
+    # the prefix is the same computation either way (first chunk of 3 prompts fits in 5 rows)
+    torch.testing.assert_close(chunked.branch_latents, whole.branch_latents, rtol=1e-5, atol=1e-5)
+
+
+def test_recomputed_log_probs_equal_the_recorded_ones_at_step_zero(tiny_model_dir):
+    trainer = make_trainer(tiny_model_dir)
+    samples, _ = trainer._generate_samples(iterations=1, batch_size=2, branch_point=2)
+    sample = samples[0]
+    with torch.no_grad():
+        for j in range(sample["timesteps"].shape[1]):
+            recomputed = trainer.transition_log_prob(
+                sample["latents"][:, j], sample["timesteps"][:, j], sample["next_latents"][:, j], cfg_embeds(sample)
+            )
+            ratio = torch.exp(recomputed - sample["log_probs"][:, j])
+            torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
+            # and the PPO loss sees ratio 1: nothing clipped
+            _, approx_kl, clipfrac = trainer.calculate_loss(
+                sample["latents"][:, j],
+                sample["timesteps"][:, j],
+                sample["next_latents"][:, j],
+                sample["log_probs"][:, j],
+                torch.ones(sample["latents"].shape[0]),
+                cfg_embeds(sample),
+            )
+            assert float(approx_kl) < 1e-10 and float(clipfrac) == 0.0

@@ -1,0 +1,66 @@
+import math
+
+import pytest
+from transformers import HfArgumentParser
+
+from b2trl import IntervalSchedule
+
+
+def test_reference_schedule_matches_formula_for_all_stages():
+    schedule = IntervalSchedule(initial_length=14, num_stages=100)
+    lengths = schedule.lengths(20)
+    assert lengths == [14 + math.floor(7 * k / 100) for k in range(100)]
+    assert lengths[0] == 14 and lengths[85] == 19 and lengths[86] == 20 and lengths[-1] == 20
+    for k in range(100):
+        assert schedule.branch_point(k, 20) == 20 - lengths[k]
+
+
+def test_defaults_are_the_reference_schedule():
+    assert IntervalSchedule() == IntervalSchedule(initial_length=14, num_stages=100)
+
+
+def test_lengths_never_shrink_and_hold_full_trajectory_after_the_end():
+    schedule = IntervalSchedule(initial_length=3, num_stages=10)
+    lengths = schedule.lengths(12, num_stages=30)
+    assert all(b >= a for a, b in zip(lengths, lengths[1:]))
+    assert lengths[0] == 3 and lengths[10:] == [12] * 20
+
+
+def test_from_last_step_starts_with_only_the_final_step():
+    schedule = IntervalSchedule.from_last_step(num_stages=20)
+    lengths = schedule.lengths(20)
+    assert lengths[0] == 1 and schedule.branch_point(0, 20) == 19
+    assert lengths == [1 + (20 * k) // 20 for k in range(20)]
+
+
+def test_milestones_grow_one_step_at_each_listed_stage():
+    schedule = IntervalSchedule(initial_length=2, milestones=[3, 5, 9])
+    lengths = [schedule.length(k, 4) for k in range(12)]
+    assert lengths == [2, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4, 4]  # capped at T = 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(initial_length=0), "initial_length"),
+        (dict(num_stages=0), "num_stages"),
+        (dict(milestones=[3, 3]), "milestones"),
+        (dict(milestones=[5, 2]), "milestones"),
+        (dict(milestones=[-1, 2]), "milestones"),
+    ],
+)
+def test_invalid_schedules_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"IntervalSchedule.{field}"):
+        IntervalSchedule(**kwargs)
+
+
+def test_interval_longer_than_trajectory_is_rejected():
+    with pytest.raises(ValueError, match="initial_length .*longer than the trajectory"):
+        IntervalSchedule(initial_length=21).length(0, 20)
+
+
+def test_parses_from_the_command_line():
+    (schedule,) = HfArgumentParser(IntervalSchedule).parse_args_into_dataclasses(
+        ["--initial_length", "4", "--milestones", "1", "2"]
+    )
+    assert schedule == IntervalSchedule(initial_length=4, milestones=[1, 2])

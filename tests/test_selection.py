@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from b2trl.selection import PromptRewardHistory, advantages_from_z, select, select_best_worst
+from b2trl.trainer import pad_rows
+
+
+def test_best_worst_keeps_exactly_the_rows_the_rule_says():
+    z = np.array(
+        [
+            [0.6, 0.0, -0.7, 0.1],  # best passes (0.6 >= 0.5), worst passes (-0.7 < -0.5)
+            [0.4, 0.0, -0.2, 0.1],  # neither passes: the group is dropped
+            [0.5, -0.5, 0.0, 0.2],  # best exactly at +0.5 kept; worst exactly at -0.5 is not < -0.5
+            [-0.9, 2.0, -1.0, 0.3],  # best 2.0 kept, worst -1.0 kept; -0.9 is not the worst
+        ]
+    )
+    keep = select_best_worst(z, 0.5, -0.5)
+    expected = np.zeros_like(keep)
+    expected[0, [0, 2]] = True
+    expected[2, 0] = True
+    expected[3, [1, 2]] = True
+    np.testing.assert_array_equal(keep, expected)
+
+
+def test_all_rule_keeps_everything_and_unknown_rule_fails():
+    assert select(np.zeros((2, 3)), "all", 0.5, -0.5).all()
+    with pytest.raises(ValueError, match="selection_rule"):
+        select(np.zeros((2, 3)), "best", 0.5, -0.5)
+
+
+def test_z_scores_are_per_prompt():
+    history = PromptRewardHistory(history_stages=8)
+    prompts = ["a", "a", "b", "b"]
+    z = history.update(prompts, [1.0, 3.0, 10.0, 10.0])
+    np.testing.assert_allclose(z, [-1.0, 1.0, 0.0, 0.0])  # b did not vary: no signal
+
+
+def test_history_pools_previous_stages_and_forgets_old_ones():
+    history = PromptRewardHistory(history_stages=1)
+    history.update(["p", "p"], [0.0, 2.0])
+    z = history.update(["p", "p"], [4.0, 6.0])
+    pooled = np.array([0.0, 2.0, 4.0, 6.0])
+    np.testing.assert_allclose(z, (np.array([4.0, 6.0]) - pooled.mean()) / pooled.std())
+    z = history.update(["p", "p"], [4.0, 6.0])  # the first stage has left the window
+    pooled = np.array([4.0, 6.0, 4.0, 6.0])
+    np.testing.assert_allclose(z, (np.array([4.0, 6.0]) - pooled.mean()) / pooled.std())
+
+
+def test_history_state_round_trips():
+    history = PromptRewardHistory(history_stages=2)
+    history.update(["p", "q", "p"], [1.0, 2.0, 3.0])
+    restored = PromptRewardHistory(history_stages=2)
+    restored.load_state_dict(history.state_dict())
+    assert restored.stats() == history.stats()
+    np.testing.assert_allclose(restored.update(["p"], [5.0]), history.update(["p"], [5.0]))
+
+
+def test_advantages_are_clipped_z():
+    np.testing.assert_allclose(advantages_from_z([-7.0, 0.3, 9.0], clip=5.0), [-5.0, 0.3, 5.0])
+
+
+def test_pad_rows_keeps_kept_rows_first_and_marks_padding():
+    keep = np.array([False, True, False, True, False])
+    rows, padding = pad_rows(keep, 4)
+    assert rows[:2].tolist() == [1, 3] and padding.tolist() == [False, False, True, True]
+    assert set(rows[2:]) <= {0, 2, 4}
+    rows, padding = pad_rows(np.zeros(3, dtype=bool), 2)  # nothing kept here, others kept 2
+    assert len(rows) == 2 and padding.all()
+    with pytest.raises(ValueError):
+        pad_rows(keep, 1)
