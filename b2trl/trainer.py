@@ -119,6 +119,8 @@ class B2DiffuRLTrainer(DDPOTrainer):
         self.history = PromptRewardHistory(config.history_stages)
         self.first_epoch = 0
         self.global_step = 0
+        # called as fn(trainer, stats) after every stage, e.g. to write metrics to disk as training goes
+        self.stage_end_callbacks: list[Callable[["B2DiffuRLTrainer", dict], None]] = []
         if config.resume_from:
             raise NotImplementedError(
                 "resume_from is not supported by B2DiffuRLTrainer yet; start a new run (set resume_from='')."
@@ -137,6 +139,19 @@ class B2DiffuRLTrainer(DDPOTrainer):
         project.setdefault("project_dir", os.path.join(config.logdir, config.run_name or config.exp_name or "b2trl"))
         project.setdefault("automatic_checkpoint_naming", True)
         project.setdefault("total_limit", config.num_checkpoint_limit)
+        checkpoints = os.path.join(project["project_dir"], "checkpoints")
+        if (
+            config.save_freq > 0
+            and project["automatic_checkpoint_naming"]
+            and not config.resume_from
+            and os.path.isdir(checkpoints)
+            and os.listdir(checkpoints)
+        ):
+            # accelerate would only notice when writing the first checkpoint, after a stage of work
+            raise ValueError(
+                f"{checkpoints} already holds checkpoints of another run. Use another project_dir "
+                "(project_kwargs / output folder) or remove them."
+            )
         # accumulation is decided per stage (the interval length and kept count change), so the
         # accelerator itself never accumulates
         return Accelerator(
@@ -251,6 +266,8 @@ class B2DiffuRLTrainer(DDPOTrainer):
             stats.update(train_stats)
         self.accelerator.log(stats, step=stage)
         self.last_stage_stats = stats
+        for callback in self.stage_end_callbacks:
+            callback(self, stats)
 
         # 6. checkpoint (every process calls save_state: FSDP/DeepSpeed need all of them)
         if config.save_freq > 0 and stage != 0 and stage % config.save_freq == 0:
@@ -445,6 +462,45 @@ class B2DiffuRLTrainer(DDPOTrainer):
             return self.sd_pipeline.scheduler_step(
                 noise_pred, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents
             ).log_probs
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, save_directory: str, **card_kwargs) -> str:
+        """
+        Save what was trained so that plain diffusers loads it.
+
+        With LoRA: ``pytorch_lora_weights.safetensors`` (diffusers key layout) for
+        ``StableDiffusionPipeline.from_pretrained(base).load_lora_weights(save_directory)``. With full fine-tuning:
+        the whole pipeline, for ``StableDiffusionPipeline.from_pretrained(save_directory)``. Both get a model card
+        (``README.md``); `card_kwargs` go to [`~b2trl.hub.build_model_card`]. Only the main process writes.
+        """
+        from .hub import build_model_card, save_trained_weights
+
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            unet = self.accelerator.unwrap_model(self.training_unet)
+            save_trained_weights(self.sd_pipeline, unet, save_directory, use_lora=self.use_lora)
+            build_model_card(self, **card_kwargs).save(os.path.join(save_directory, "README.md"))
+        self.accelerator.wait_for_everyone()
+        return save_directory
+
+    def push_to_hub(self, repo_id: str, *, token: Optional[str] = None, private: Optional[bool] = None,
+                    commit_message: str = "Upload B²-DiffuRL weights", **card_kwargs) -> Optional[str]:
+        """
+        Upload the trained weights (see [`B2DiffuRLTrainer.save_pretrained`]) and their model card to `repo_id`.
+        Returns the repository URL on the main process, `None` on the others.
+        """
+        import tempfile
+
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, repo_id=repo_id, **card_kwargs)
+            url = None
+            if self.accelerator.is_main_process:
+                url = push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
+            self.accelerator.wait_for_everyone()
+        return url
 
     # ------------------------------------------------------------------ loop
 

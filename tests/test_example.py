@@ -1,0 +1,80 @@
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from diffusers import StableDiffusionPipeline
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_sd.py"
+
+
+@pytest.fixture(scope="module")
+def train_sd():
+    spec = importlib.util.spec_from_file_location("train_sd", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_sd"] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY_RUN = [
+    "--num_epochs", "2", "--sample_num_steps", "6", "--sample_batch_size", "2",
+    "--sample_num_batches_per_epoch", "1", "--num_branches", "3", "--initial_length", "2", "--num_stages", "2",
+    "--train_gradient_accumulation_steps", "1", "--reward", "helpers:brightness_reward",
+]
+
+
+@pytest.mark.parametrize("preset", ["toy", "reference"])
+def test_help_documents_every_flag(train_sd, preset):
+    parser = train_sd.build_parser(preset)
+    undocumented = [
+        a.option_strings for a in parser._actions
+        if a.option_strings and a.dest != "help" and (not a.help or a.help == argparse.SUPPRESS)
+    ]
+    assert undocumented == []
+
+
+def test_presets_set_defaults_and_flags_override_them(train_sd):
+    args, config, preset = train_sd.parse_args(["--num_epochs", "3"])
+    assert preset == "toy" and config.num_epochs == 3
+    assert config.num_branches == train_sd.PRESETS["toy"]["num_branches"]
+    assert config.interval_schedule.initial_length == train_sd.PRESETS["toy"]["initial_length"]
+    _, config, preset = train_sd.parse_args(["--pretrained_model", "runwayml/stable-diffusion-v1-5"])
+    assert preset == "reference" and config.num_branches == 5 and config.interval_schedule.initial_length == 14
+
+
+def test_invalid_configuration_exits_with_the_field_named(train_sd, capsys):
+    with pytest.raises(SystemExit):
+        train_sd.parse_args(["--sample_num_steps", "4", "--initial_length", "6"])
+    assert "initial_length" in capsys.readouterr().err
+
+
+def test_runs_on_a_local_model_with_prompts_from_a_file(train_sd, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parent)  # so that 'helpers:brightness_reward' imports
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    out = tmp_path / "out"
+    train_sd.main(["--pretrained_model", tiny_model_dir, "--prompts_file", str(prompts), "--output_dir", str(out),
+                   *TINY_RUN])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == [0, 1]
+    assert (out / "metrics.csv").read_text().count("\n") == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reward"] == "helpers:brightness_reward"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.load_lora_weights(str(out / "lora"))
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "reward_curve.png").stat().st_size > 0
+
+
+def test_prompts_from_a_local_dataset(train_sd, tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.csv").write_text("text,score\na cat,1\na dog,2\n")
+    args, _, _ = train_sd.parse_args(["--prompts_dataset", str(folder), "--prompts_dataset_column", "text"])
+    assert train_sd.load_prompts(args, is_toy=False) == ["a cat", "a dog"]
+    args, _, _ = train_sd.parse_args(["--prompts_dataset", str(folder), "--prompts_dataset_column", "prompt"])
+    with pytest.raises(SystemExit, match="prompt"):
+        train_sd.load_prompts(args, is_toy=False)
