@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 from collections import defaultdict
 from concurrent import futures
 from typing import Any, Callable, Optional
@@ -20,6 +21,7 @@ from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 from trl import DDPOTrainer
 
+from . import checkpoint as ckpt
 from .config import B2DiffuRLConfig
 from .pipeline import ensure_accelerate_state
 from .rollout import branch_rollout, guided_noise_prediction
@@ -122,9 +124,7 @@ class B2DiffuRLTrainer(DDPOTrainer):
         # called as fn(trainer, stats) after every stage, e.g. to write metrics to disk as training goes
         self.stage_end_callbacks: list[Callable[["B2DiffuRLTrainer", dict], None]] = []
         if config.resume_from:
-            raise NotImplementedError(
-                "resume_from is not supported by B2DiffuRLTrainer yet; start a new run (set resume_from='')."
-            )
+            self.resume(config.resume_from)
 
     # ------------------------------------------------------------------ set-up
 
@@ -137,20 +137,15 @@ class B2DiffuRLTrainer(DDPOTrainer):
             mixed_precision = "no"
         project = dict(config.project_kwargs)
         project.setdefault("project_dir", os.path.join(config.logdir, config.run_name or config.exp_name or "b2trl"))
-        project.setdefault("automatic_checkpoint_naming", True)
         project.setdefault("total_limit", config.num_checkpoint_limit)
+        # checkpoints are named by stage and written atomically here, not by accelerate's counter
+        project["automatic_checkpoint_naming"] = False
         checkpoints = os.path.join(project["project_dir"], "checkpoints")
-        if (
-            config.save_freq > 0
-            and project["automatic_checkpoint_naming"]
-            and not config.resume_from
-            and os.path.isdir(checkpoints)
-            and os.listdir(checkpoints)
-        ):
-            # accelerate would only notice when writing the first checkpoint, after a stage of work
+        if config.save_freq > 0 and not config.resume_from and ckpt.complete_checkpoints(checkpoints):
+            # found now, not after a stage of work when the first checkpoint would collide
             raise ValueError(
-                f"{checkpoints} already holds checkpoints of another run. Use another project_dir "
-                "(project_kwargs / output folder) or remove them."
+                f"{checkpoints} already holds checkpoints of another run. Continue it with "
+                "resume_from='latest', or use another project_dir (project_kwargs / output folder)."
             )
         # accumulation is decided per stage (the interval length and kept count change), so the
         # accelerator itself never accumulates
@@ -181,11 +176,73 @@ class B2DiffuRLTrainer(DDPOTrainer):
         unwrapped = [self.accelerator.unwrap_model(m) for m in models]
         if self.accelerator.is_main_process:
             self.sd_pipeline.save_checkpoint(unwrapped, weights, output_dir)
-        weights.pop()  # the pipeline wrote the weights; accelerate must not write them again
+        if weights:
+            weights.pop()  # the pipeline wrote the weights; accelerate must not write them again
 
     def _load_model_hook(self, models, input_dir):
-        self.sd_pipeline.load_checkpoint([self.accelerator.unwrap_model(m) for m in models], input_dir)
+        unet = self.accelerator.unwrap_model(models[0])
+        if self.use_lora:
+            # into the adapter the optimizer holds (TRL adds a second adapter here, and nothing trains after)
+            ckpt.load_lora_into_unet(unet, input_dir)
+        else:
+            from diffusers import UNet2DConditionModel
+
+            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            unet.load_state_dict(loaded.state_dict())
         models.pop()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.accelerator.project_dir, "checkpoints")
+
+    def save_checkpoint(self, stage: int) -> str:
+        """
+        Checkpoint the state after `stage` into ``checkpoints/checkpoint_<stage>``: trained weights, optimizer,
+        RNG states, stage, global step and per-prompt reward history. Every process takes part (FSDP and
+        DeepSpeed need it); the folder appears only once complete.
+        """
+        root, main = self.checkpoint_dir, self.accelerator.is_main_process
+        partial, final = os.path.join(root, ckpt.partial_name(stage)), os.path.join(root, ckpt.checkpoint_name(stage))
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(root, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        try:
+            self.accelerator.save_state(output_dir=partial)
+            self.accelerator.wait_for_everyone()
+            if main:
+                state = {"stage": stage, "global_step": self.global_step, "history": self.history.state_dict()}
+                ckpt.write_state(partial, state)
+                ckpt.finalize(partial, final)
+                ckpt.prune(root, self.accelerator.project_configuration.total_limit)
+        except OSError as err:
+            if main:
+                shutil.rmtree(partial, ignore_errors=True)
+            done = ckpt.complete_checkpoints(root)
+            last = done[-1][1] if done else "none"
+            raise OSError(
+                f"Could not write the checkpoint of stage {stage} ({err}). The last complete checkpoint is {last}."
+            ) from err
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume(self, resume_from: str) -> None:
+        """Restore a checkpoint (a folder, a run folder, or ``"latest"``); training continues after its stage."""
+        path = ckpt.resolve_resume_path(resume_from, self.checkpoint_dir)
+        state = ckpt.read_state(path)
+        self.accelerator.load_state(path)
+        self.history.load_state_dict(state["history"])
+        self.global_step = int(state["global_step"])
+        self.first_epoch = int(state["stage"]) + 1
+        logger.info(f"Resumed from {path}: continuing at stage {self.first_epoch}.")
+
+    def load_lora_weights(self, folder: str) -> None:
+        """Continue training from LoRA weights saved by `save_pretrained` (or pushed to the Hub and downloaded)."""
+        if not self.use_lora:
+            raise ValueError("load_lora_weights needs a LoRA pipeline (use_lora=True).")
+        ckpt.load_lora_into_unet(self.accelerator.unwrap_model(self.training_unet), folder)
 
     # ------------------------------------------------------------------ one stage
 
@@ -231,6 +288,7 @@ class B2DiffuRLTrainer(DDPOTrainer):
         samples["advantages"] = torch.as_tensor(
             advantages_from_z(z, config.train_adv_clip_max), dtype=torch.float32, device=self.accelerator.device
         )
+        self.last_local_kept = int(keep.sum())
         kept_counts = self.accelerator.gather(
             torch.tensor([int(keep.sum())], device=self.accelerator.device)
         ).cpu()
@@ -269,9 +327,10 @@ class B2DiffuRLTrainer(DDPOTrainer):
         for callback in self.stage_end_callbacks:
             callback(self, stats)
 
-        # 6. checkpoint (every process calls save_state: FSDP/DeepSpeed need all of them)
-        if config.save_freq > 0 and stage != 0 and stage % config.save_freq == 0:
-            self.accelerator.save_state()
+        # 6. checkpoint (every process takes part: FSDP/DeepSpeed need all of them)
+        if config.save_freq > 0 and (stage + 1) % config.save_freq == 0:
+            self.global_step = global_step
+            self.save_checkpoint(stage)
         return global_step
 
     def _generate_samples(self, iterations: int, batch_size: int, branch_point: int = 0):

@@ -109,5 +109,6 @@ def test_training_raises_a_simple_reward(tiny_model_dir):
 
 def test_existing_checkpoints_are_refused_before_any_work(tiny_model_dir, tmp_path):
     (tmp_path / "checkpoints" / "checkpoint_0").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint_0" / "b2trl_state.json").write_text("{}")
     with pytest.raises(ValueError, match="already holds checkpoints"):
         make_trainer(tiny_model_dir, save_freq=1, project_kwargs={"project_dir": str(tmp_path)})

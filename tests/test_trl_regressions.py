@@ -105,6 +105,6 @@ def test_bug8_save_state_runs_on_every_process(tiny_model_dir, monkeypatch):
 def test_checkpoints_hold_the_lora_weights(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, save_freq=1, project_kwargs={"project_dir": str(tmp_path)})
     trainer.train(epochs=2)
-    checkpoint = tmp_path / "checkpoints" / "checkpoint_0"
+    checkpoint = tmp_path / "checkpoints" / "checkpoint_1"
     assert (checkpoint / "pytorch_lora_weights.safetensors").is_file()
-    assert (checkpoint / "optimizer.bin").is_file()
+    assert (checkpoint / "optimizer.bin").is_file() and (checkpoint / "b2trl_state.json").is_file()

@@ -1,0 +1,91 @@
+"""Train the tiny test pipeline in its own process (used by the kill-and-resume and multi-process tests).
+
+    python train_tiny.py MODEL_DIR PROJECT_DIR [--epochs N] [--sleep S] [--stats FILE] [--distributed]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from helpers import brightness_reward, cycling_prompts, small_config  # noqa: E402
+
+from b2trl import B2DiffuRLTrainer, load_pipeline  # noqa: E402
+
+torch.set_num_threads(1)
+parser = argparse.ArgumentParser()
+parser.add_argument("model_dir")
+parser.add_argument("project_dir")
+parser.add_argument("--epochs", type=int, default=4)
+parser.add_argument("--sleep", type=float, default=0.0, help="seconds each reward call waits (a slow reward)")
+parser.add_argument("--stats", default=None, help="append each stage's stats here as JSON lines")
+parser.add_argument("--distributed", action="store_true", help="per-rank prompts and a weight check per stage")
+parser.add_argument("--plain-ddpo", action="store_true", help="run TRL's DDPOTrainer instead (a control)")
+args = parser.parse_args()
+
+
+def reward(images, prompts, metadata):
+    time.sleep(args.sleep)
+    bright, _ = brightness_reward(images, prompts, metadata)
+    # prompts starting with "flat" get a constant reward: their groups never pass the thresholds
+    flat = torch.tensor([p.startswith("flat") for p in prompts])
+    return torch.where(flat, torch.full_like(bright, 0.5), bright), {}
+
+
+accelerator_kwargs = {"cpu": True} if args.distributed else {}
+if args.distributed:
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)
+    # rank 0 trains on varying rewards, rank 1 on flat ones: their kept-sample counts differ
+    prompts = ("a cat", "a dog") if state.process_index == 0 else ("flat one", "flat two")
+else:
+    prompts = ("a cat", "a dog", "a red circle", "a blue square")
+config = small_config(
+    num_epochs=args.epochs,
+    save_freq=0 if args.distributed else 1,
+    project_kwargs={"project_dir": args.project_dir},
+    accelerator_kwargs=accelerator_kwargs,
+    train_learning_rate=1e-2,
+)
+if args.plain_ddpo:
+    from trl import DDPOConfig, DDPOTrainer
+
+    plain = DDPOConfig(
+        num_epochs=args.epochs, sample_num_steps=4, sample_batch_size=2, sample_num_batches_per_epoch=1,
+        train_batch_size=2, mixed_precision="no", save_freq=1000, accelerator_kwargs=accelerator_kwargs,
+        train_learning_rate=1e-2,
+    )
+    trainer = DDPOTrainer(plain, reward, cycling_prompts(prompts), load_pipeline(args.model_dir))
+    trainer.train()
+    params = [p for p in trainer.sd_pipeline.unet.parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    everyone = trainer.accelerator.gather(flat.unsqueeze(0))
+    if args.stats and trainer.accelerator.is_main_process:
+        with open(args.stats, "a") as f:
+            f.write(json.dumps({"max_weight_diff_across_ranks": float((everyone - everyone[0]).abs().max())}) + "\n")
+    sys.exit(0)
+trainer = B2DiffuRLTrainer(config, reward, cycling_prompts(prompts), load_pipeline(args.model_dir))
+
+
+def log_stage(trainer, stats):
+    record = dict(stats, rank=trainer.accelerator.process_index)
+    if args.distributed:
+        flat = torch.cat([p.detach().reshape(-1) for p in trainer.trainable_params])
+        everyone = trainer.accelerator.gather(flat.unsqueeze(0))
+        record["max_weight_diff_across_ranks"] = float((everyone - everyone[0]).abs().max())
+        kept = trainer.accelerator.gather(torch.tensor([trainer.last_local_kept]))
+        record["kept_per_rank"] = kept.tolist()
+        record["weight_norm"] = float(flat.norm())
+    if args.stats and trainer.accelerator.is_main_process:
+        with open(args.stats, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+trainer.stage_end_callbacks.append(log_stage)
+trainer.train()
