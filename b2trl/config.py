@@ -42,6 +42,8 @@ class B2DiffuRLConfig(DDPOConfig):
             Which final denoising steps are trained at each stage (reference: 14 + floor(7k/100) of 20).
         rollout_chunk_size (`int` or `None`, *optional*, defaults to `None`):
             At most this many images per UNet/VAE call while sampling, to bound memory. `None`: no chunking.
+        drop_nonfinite_rewards (`bool`, *optional*, defaults to `False`):
+            Drop samples whose reward is NaN/inf (with a warning) instead of raising an error.
     """
 
     num_branches: int = field(
@@ -72,6 +74,13 @@ class B2DiffuRLConfig(DDPOConfig):
     )
     rollout_chunk_size: Optional[int] = field(
         default=None, metadata={"help": "Max images per UNet/VAE call while sampling (bounds memory)."}
+    )
+    drop_nonfinite_rewards: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop samples whose reward is NaN/inf (with a warning; counted as rewards_dropped) instead "
+            "of stopping with an error."
+        },
     )
 
     # reference defaults that differ from DDPOConfig's

@@ -21,6 +21,8 @@ class PromptRewardHistory:
     rewards of that prompt in the window (this stage included). TRL's `PerPromptStatTracker` keeps a fixed
     number of samples; this one keeps a fixed number of *stages*, as the method prescribes.
 
+    NaN rewards (samples whose reward could not be computed) are left out of the statistics and get a NaN z.
+
     Args:
         history_stages (`int`):
             How many previous stages are pooled with the current one (reference: 8).
@@ -45,10 +47,11 @@ class PromptRewardHistory:
         for prompt in dict.fromkeys(prompts.tolist()):
             rows = prompts == prompt
             window = self._stages.setdefault(prompt, deque(maxlen=self.history_stages + 1))
-            window.append(rewards[rows])
+            window.append(rewards[rows][~np.isnan(rewards[rows])])
             pooled = np.concatenate(list(window))
-            std = pooled.std()
+            std = pooled.std() if pooled.size else 0.0
             z[rows] = 0.0 if std < self.eps else (rewards[rows] - pooled.mean()) / std
+            z[rows & np.isnan(rewards)] = np.nan
         return z
 
     def stats(self) -> dict[str, tuple[float, float, int]]:
@@ -78,6 +81,7 @@ def select_best_worst(z: np.ndarray, threshold_best: float, threshold_worst: flo
 
     In each group the best branch is kept if its z >= `threshold_best` and the worst branch if its
     z < `threshold_worst`; every other branch is dropped. A group whose branches barely differ keeps nothing.
+    NaN z-scores (dropped samples) are never kept.
 
     Returns:
         A boolean mask of the same shape: `True` for kept samples.
@@ -87,8 +91,10 @@ def select_best_worst(z: np.ndarray, threshold_best: float, threshold_worst: flo
         raise ValueError(f"z must have shape (groups, branches), got {z.shape}.")
     keep = np.zeros(z.shape, dtype=bool)
     rows = np.arange(z.shape[0])
-    best, worst = z.argmax(axis=1), z.argmin(axis=1)
-    keep[rows, best] = z[rows, best] >= threshold_best
+    missing = np.isnan(z)
+    best = np.where(missing, -np.inf, z).argmax(axis=1)
+    worst = np.where(missing, np.inf, z).argmin(axis=1)
+    keep[rows, best] = z[rows, best] >= threshold_best  # False for NaN
     keep[rows, worst] |= z[rows, worst] < threshold_worst
     return keep
 
@@ -98,10 +104,10 @@ def select(z: np.ndarray, rule: str, threshold_best: float, threshold_worst: flo
     if rule == "best_worst":
         return select_best_worst(z, threshold_best, threshold_worst)
     if rule == "all":
-        return np.ones(np.shape(z), dtype=bool)
+        return ~np.isnan(np.asarray(z, dtype=np.float64))
     raise ValueError(f"selection_rule must be one of {SELECTION_RULES}, got {rule!r}.")
 
 
 def advantages_from_z(z: np.ndarray, clip: float) -> np.ndarray:
-    """Advantage of a kept sample: its z-score clipped to ``[-clip, clip]``."""
-    return np.clip(np.asarray(z, dtype=np.float64), -clip, clip)
+    """Advantage of a kept sample: its z-score clipped to ``[-clip, clip]`` (0 for a NaN z)."""
+    return np.clip(np.nan_to_num(np.asarray(z, dtype=np.float64), nan=0.0), -clip, clip)

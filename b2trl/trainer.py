@@ -34,7 +34,7 @@ TIME_KEYS = ("timesteps", "latents", "next_latents", "log_probs")
 
 
 def _callable_name(fn) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 class B2DiffuRLTrainer(DDPOTrainer):
@@ -262,7 +262,14 @@ class B2DiffuRLTrainer(DDPOTrainer):
         samples = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
 
         # 2. rewards
-        rewards, rewards_metadata = self.compute_rewards(prompt_image_data, is_async=config.async_reward_computation)
+        try:
+            rewards, rewards_metadata = self.compute_rewards(
+                prompt_image_data, is_async=config.async_reward_computation
+            )
+        except Exception as err:
+            raise RuntimeError(
+                f"reward_function {_callable_name(self.reward_fn)} raised at stage {stage}: {err!r}"
+            ) from err
         rewards = self._check_rewards(rewards, prompt_image_data, stage)
         for data, reward, metadata in zip(prompt_image_data, rewards, rewards_metadata):
             data.extend([reward, metadata])
@@ -294,8 +301,9 @@ class B2DiffuRLTrainer(DDPOTrainer):
         ).cpu()
         stats = {
             "stage": stage,
-            "reward_mean": float(all_rewards.mean()),
-            "reward_std": float(all_rewards.std()),
+            "reward_mean": float(np.nanmean(all_rewards)),
+            "reward_std": float(np.nanstd(all_rewards)),
+            "rewards_dropped": int(np.isnan(all_rewards).sum()),
             "interval_length": length,
             "branch_point": branch_point,
             "groups_kept": int(self.accelerator.gather(torch.tensor([int(keep.any(1).sum())],
@@ -344,7 +352,7 @@ class B2DiffuRLTrainer(DDPOTrainer):
         self.sd_pipeline.unet.eval()
         n = config.num_branches
         for _ in range(iterations):
-            prompts, prompt_metadata = zip(*[self.prompt_fn() for _ in range(batch_size)])
+            prompts, prompt_metadata = zip(*[self._next_prompt() for _ in range(batch_size)])
             with torch.no_grad():
                 prompt_embeds = self._encode_prompts(prompts)
                 neg_embeds = self.neg_prompt_embed.repeat(batch_size, 1, 1)
@@ -379,6 +387,16 @@ class B2DiffuRLTrainer(DDPOTrainer):
             )
         return samples, prompt_image_data
 
+    def _next_prompt(self) -> tuple[str, Any]:
+        name = _callable_name(self.prompt_fn)
+        try:
+            result = self.prompt_fn()
+        except Exception as err:
+            raise RuntimeError(f"prompt_function {name} raised: {err!r}") from err
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)):
+            raise TypeError(f"prompt_function {name} must return (prompt: str, metadata), got {result!r}.")
+        return result
+
     def compute_rewards(self, prompt_image_pairs, is_async: bool = False):
         """Score every batch; with `is_async` the batches are scored concurrently in a thread pool."""
         if is_async:
@@ -406,12 +424,19 @@ class B2DiffuRLTrainer(DDPOTrainer):
                     f"reward_function {name} returned rewards of shape {tuple(reward.shape)} at stage {stage}; "
                     f"expected ({images.shape[0]},), one per image."
                 )
-            if not torch.isfinite(reward).all():
-                raise ValueError(
-                    f"reward_function {name} returned non-finite rewards (NaN/inf) at stage {stage}: "
-                    f"{reward.tolist()}"
-                )
-        return rewards
+        checked = []
+        for reward in rewards:
+            bad = ~torch.isfinite(reward)
+            if bad.any():
+                if not self.config.drop_nonfinite_rewards:
+                    raise ValueError(
+                        f"reward_function {name} returned non-finite rewards (NaN/inf) at stage {stage}: "
+                        f"{reward.tolist()}. Fix the reward, or set drop_nonfinite_rewards=True to drop such samples."
+                    )
+                logger.warning(f"Stage {stage}: dropping {int(bad.sum())} samples with non-finite rewards from {name}.")
+                reward = reward.masked_fill(bad, float("nan"))
+            checked.append(reward)
+        return checked
 
     @staticmethod
     def _reward_components(rewards_metadata) -> dict:

@@ -22,3 +22,39 @@ def test_stage_metrics_reach_tensorboard(tiny_model_dir, tmp_path):
     for key in ("reward_mean", "reward_std", "interval_length", "branch_point", "groups_kept", "groups_total",
                 "approx_kl", "clipfrac", "loss"):
         assert key in scalars, (key, sorted(scalars))
+
+
+def test_branch_grid_hook_logs_groups_with_rewards(tiny_model_dir, tmp_path):
+    from b2trl.images import BranchGridHook
+
+    hook = BranchGridHook(num_branches=3, max_groups=2, output_dir=str(tmp_path / "png"))
+    trainer = make_trainer(
+        tiny_model_dir,
+        hook=hook,
+        log_with="tensorboard",
+        project_kwargs={"project_dir": str(tmp_path), "logging_dir": str(tmp_path / "tb")},
+    )
+    trainer.step(0, 7)
+    trainer.accelerator.end_training()
+    saved = list((tmp_path / "png").glob("branches_*.png"))
+    assert [p.name for p in saved] == ["branches_000007.png"]
+    from PIL import Image
+
+    width, height = Image.open(saved[0]).size
+    assert width > 3 * 16 and height > 2 * 16  # three branches per row, two groups
+    images = set()
+    for run in {p.parent for p in (tmp_path / "tb").rglob("events.out.tfevents.*")}:
+        events = EventAccumulator(str(run))
+        events.Reload()
+        images |= set(events.Tags()["images"])
+    assert "branches" in images
+
+
+def test_branch_grid_hook_without_a_tracker_or_folder_returns_the_grid(tiny_model_dir):
+    from b2trl.images import BranchGridHook
+
+    seen = []
+    hook = BranchGridHook(num_branches=3)
+    trainer = make_trainer(tiny_model_dir, hook=lambda data, step, tracker: seen.append(hook(data, step, tracker)))
+    trainer.step(0, 0)
+    assert seen and seen[0].size[0] > 0

@@ -68,3 +68,18 @@ def test_pad_rows_keeps_kept_rows_first_and_marks_padding():
     assert len(rows) == 2 and padding.all()
     with pytest.raises(ValueError):
         pad_rows(keep, 1)
+
+
+def test_nan_z_scores_are_never_kept_and_do_not_hide_the_real_best():
+    z = np.array([[np.nan, -0.2, 0.9, -0.8], [np.nan, np.nan, np.nan, np.nan]])
+    keep = select_best_worst(z, 0.5, -0.5)
+    assert keep.tolist() == [[False, False, True, True], [False, False, False, False]]
+    assert select(z, "all", 0.5, -0.5).sum() == 3
+    np.testing.assert_allclose(advantages_from_z([np.nan, 1.0], clip=5.0), [0.0, 1.0])
+
+
+def test_history_ignores_nan_rewards():
+    history = PromptRewardHistory(history_stages=1)
+    z = history.update(["p", "p", "p"], [1.0, np.nan, 3.0])
+    assert np.isnan(z[1]) and np.allclose(z[[0, 2]], [-1.0, 1.0])
+    assert history.stats()["p"][2] == 2

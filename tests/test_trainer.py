@@ -112,3 +112,41 @@ def test_existing_checkpoints_are_refused_before_any_work(tiny_model_dir, tmp_pa
     (tmp_path / "checkpoints" / "checkpoint_0" / "b2trl_state.json").write_text("{}")
     with pytest.raises(ValueError, match="already holds checkpoints"):
         make_trainer(tiny_model_dir, save_freq=1, project_kwargs={"project_dir": str(tmp_path)})
+
+
+def test_nonfinite_rewards_can_be_dropped_and_are_counted(tiny_model_dir):
+    def half_nan(images, prompts, metadata):
+        rewards, _ = brightness_reward(images, prompts, metadata)
+        rewards[::2] = float("nan")
+        return rewards, {}
+
+    trainer = make_trainer(tiny_model_dir, reward=half_nan, drop_nonfinite_rewards=True)
+    trainer.step(0, 0)
+    stats = trainer.last_stage_stats
+    assert stats["rewards_dropped"] == 6 and stats["samples_total"] == 12
+    assert stats["reward_mean"] == stats["reward_mean"]  # not NaN
+    assert 0 < stats["samples_kept"] <= 6
+
+
+def test_failing_prompt_and_reward_functions_are_named(tiny_model_dir):
+    from b2trl import B2DiffuRLTrainer, load_pipeline
+    from helpers import small_config
+
+    def broken_prompts():
+        raise KeyError("prompt source gone")
+
+    def bad_prompts():
+        return "a cat"
+
+    def broken_reward(images, prompts, metadata):
+        raise RuntimeError("scorer crashed")
+
+    for prompt_fn, error, pattern in [
+        (broken_prompts, RuntimeError, "prompt_function broken_prompts raised: KeyError"),
+        (bad_prompts, TypeError, r"prompt_function bad_prompts must return \(prompt: str, metadata\)"),
+    ]:
+        trainer = B2DiffuRLTrainer(small_config(), brightness_reward, prompt_fn, load_pipeline(tiny_model_dir))
+        with pytest.raises(error, match=pattern):
+            trainer.step(0, 0)
+    with pytest.raises(RuntimeError, match="reward_function .*broken_reward raised at stage 0.*scorer crashed"):
+        make_trainer(tiny_model_dir, reward=broken_reward).step(0, 0)
