@@ -68,8 +68,8 @@ class B2DiffuRLConfig(DDPOConfig):
     interval_schedule: IntervalSchedule = field(
         default_factory=IntervalSchedule,
         metadata={
-            "help": "The backward progressive interval schedule. From the command line use the IntervalSchedule "
-            "flags (--initial_length, --num_stages, --milestones); in Python pass an IntervalSchedule."
+            "help": "The backward progressive interval schedule. On the command line: the IntervalSchedule flags "
+            "(--initial_length, --num_stages, --milestones) or a JSON object of them; in Python an IntervalSchedule."
         },
     )
     rollout_chunk_size: Optional[int] = field(

@@ -107,6 +107,14 @@ class ScriptArguments:
     hub_model_id: Optional[str] = field(
         default=None, metadata={"help": "Repo id for --push_to_hub (defaults to the output folder's name)."}
     )
+    init_lora: Optional[str] = field(
+        default=None,
+        metadata={"help": "Start from these LoRA weights (a folder written by a previous run's save_pretrained)."},
+    )
+    branch_images: bool = field(
+        default=True,
+        metadata={"help": "Log a grid of each stage's branch groups with their rewards (tracker and output dir)."},
+    )
 
 
 def build_parser(preset: str) -> HfArgumentParser:
@@ -116,7 +124,21 @@ def build_parser(preset: str) -> HfArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(**PRESETS[preset], exp_name="train_sd")
+    for action in parser._actions:
+        # dict-valued fields (accelerator_kwargs, project_kwargs, tracker_kwargs, interval_schedule) take JSON
+        if action.type in (dict, IntervalSchedule):
+            action.type = json_object
     return parser
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"cpu\": true}}', got {text!r}")
+    return value
 
 
 def parse_args(argv=None):
@@ -136,7 +158,8 @@ def parse_args(argv=None):
     # The schedule is its own dataclass on the command line; the config must be built with it (not with its
     # default) so that its validation sees the schedule that will run.
     try:
-        schedule = IntervalSchedule(**fields_of(IntervalSchedule))
+        given = namespace.interval_schedule  # --interval_schedule '{...}' wins over the separate flags
+        schedule = IntervalSchedule(**given) if isinstance(given, dict) else IntervalSchedule(**fields_of(IntervalSchedule))
         config = B2DiffuRLConfig(**{**fields_of(B2DiffuRLConfig), "interval_schedule": schedule})
     except ValueError as err:
         parser.error(str(err))
@@ -273,7 +296,14 @@ def main(argv=None):
         print(f"Evaluating the base model on held-out prompts ({args.eval_seeds} seeds)...")
         before = evaluate_toy(pipeline, seeds)
 
-    trainer = B2DiffuRLTrainer(config, reward_fn, make_prompt_fn(prompts, config.seed), pipeline)
+    hook = None
+    if args.branch_images:
+        from b2trl.images import BranchGridHook
+
+        hook = BranchGridHook(config.num_branches, output_dir=os.path.join(args.output_dir, "branches"))
+    trainer = B2DiffuRLTrainer(config, reward_fn, make_prompt_fn(prompts, config.seed), pipeline, hook)
+    if args.init_lora:
+        trainer.load_lora_weights(args.init_lora)
     metrics = MetricsWriter(args.output_dir)
     trainer.stage_end_callbacks.append(metrics)
     start = time.time()

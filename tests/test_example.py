@@ -1,6 +1,7 @@
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,3 +79,45 @@ def test_prompts_from_a_local_dataset(train_sd, tmp_path):
     args, _, _ = train_sd.parse_args(["--prompts_dataset", str(folder), "--prompts_dataset_column", "prompt"])
     with pytest.raises(SystemExit, match="prompt"):
         train_sd.load_prompts(args, is_toy=False)
+
+
+def test_push_to_hub_and_continue_from_the_pushed_lora(train_sd, tiny_model_dir, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, ModelCard
+
+    uploads = []
+
+    class RepoUrl(str):
+        repo_id = "me/tiny-b2"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://hf.co/{repo_id}"))
+    monkeypatch.setattr(
+        HfApi,
+        "upload_folder",
+        lambda self, *, repo_id, folder_path, **kw: uploads.append(
+            (repo_id, sorted(os.listdir(folder_path)), ModelCard.load(os.path.join(folder_path, "README.md")))
+        ),
+    )
+    monkeypatch.chdir(Path(__file__).parent)
+    out = tmp_path / "first"
+    train_sd.main(["--pretrained_model", tiny_model_dir, "--prompts", "a cat", "--output_dir", str(out),
+                   "--push_to_hub", "--hub_model_id", "me/tiny-b2", *TINY_RUN])
+    ((repo, files, card),) = uploads
+    assert repo == "me/tiny-b2" and "pytorch_lora_weights.safetensors" in files
+    assert "| stages trained | 2 |" in card.text and "helpers:brightness_reward" in card.text
+    assert json.loads((out / "summary.json").read_text())["hub_url"] == "https://hf.co/me/tiny-b2"
+    assert sorted(p.name for p in (out / "branches").iterdir()) and (out / "branches").is_dir()
+
+    # the pushed folder is what a later run continues from
+    train_sd.main(["--pretrained_model", tiny_model_dir, "--prompts", "a cat", "--output_dir", str(tmp_path / "two"),
+                   "--init_lora", str(out / "lora"), "--num_epochs", "1", *TINY_RUN[2:]])
+
+
+def test_dict_flags_take_json(train_sd, capsys):
+    _, config, _ = train_sd.parse_args(
+        ["--accelerator_kwargs", '{"cpu": true}', "--interval_schedule", '{"initial_length": 3, "num_stages": 5}']
+    )
+    assert config.accelerator_kwargs == {"cpu": True}
+    assert config.interval_schedule.initial_length == 3 and config.interval_schedule.num_stages == 5
+    with pytest.raises(SystemExit):
+        train_sd.parse_args(["--project_kwargs", "[1, 2]"])
+    assert "expected a JSON object" in capsys.readouterr().err
