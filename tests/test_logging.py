@@ -58,3 +58,22 @@ def test_branch_grid_hook_without_a_tracker_or_folder_returns_the_grid(tiny_mode
     trainer = make_trainer(tiny_model_dir, hook=lambda data, step, tracker: seen.append(hook(data, step, tracker)))
     trainer.step(0, 0)
     assert seen and seen[0].size[0] > 0
+
+
+def test_composite_reward_parts_are_logged_per_stage(tiny_model_dir):
+    from b2trl.rewards import CompositeReward
+
+    from helpers import brightness_reward
+
+    def darkness(images, prompts, metadata):
+        return 1 - images.float().mean(dim=(1, 2, 3)), {}
+
+    trainer = make_trainer(tiny_model_dir, reward=CompositeReward({brightness_reward: 1.0, darkness: 0.5}))
+    trainer.step(0, 0)
+    stats = trainer.last_stage_stats
+    parts = {k: v for k, v in stats.items() if k.startswith("reward/")}
+    assert set(parts) == {"reward/brightness_reward", "reward/darkness"}, stats
+    assert abs(parts["reward/brightness_reward"] + parts["reward/darkness"] - 1) < 1e-5
+    # the stage's reward is the weighted sum of the parts
+    expected = parts["reward/brightness_reward"] + 0.5 * parts["reward/darkness"]
+    assert abs(stats["reward_mean"] - expected) < 1e-5
