@@ -23,7 +23,6 @@ import torch
 from b2trl.rewards import AestheticScorer, CLIPScore, JpegCompressibility, PickScore
 from b2trl.rewards.testing import build_tiny_clip, save_aesthetic_head
 
-
 GPU_ESTIMATE = {
     "aesthetic": "~1500-3000 (ViT-L/14, estimate)",
     "clip_score": "~700-1500 (ViT-H/14, estimate)",

@@ -94,14 +94,17 @@ class ScriptArguments:
         default="auto",
         metadata={
             "help": "Reward name (toy_alignment, aesthetic, clip_score, pickscore, jpeg_compressibility, "
-            "jpeg_incompressibility) or 'module:function' for your own (importable, or in the working directory); 'auto' = toy_alignment for the toy "
+            "jpeg_incompressibility) or 'module:function' for your own (importable, or in the working "
+            "directory); 'auto' = toy_alignment for the toy "
             "model, else aesthetic."
         },
     )
     reward_model: Optional[str] = field(
         default=None, metadata={"help": "model_name_or_path of a CLIP-based reward (Hub id or local folder)."}
     )
-    reward_kwargs: str = field(default="{}", metadata={"help": "JSON object of extra keyword arguments for the reward."})
+    reward_kwargs: str = field(
+        default="{}", metadata={"help": "JSON object of extra keyword arguments for the reward."}
+    )
     output_dir: str = field(default="outputs/train_sd", metadata={"help": "Where the LoRA, metrics and plots go."})
     eval_seeds: int = field(default=3, metadata={"help": "Toy model: seeds per held-out prompt in the evaluation."})
     hub_model_id: Optional[str] = field(
@@ -159,7 +162,7 @@ def parse_args(argv=None):
     # default) so that its validation sees the schedule that will run.
     try:
         given = namespace.interval_schedule  # --interval_schedule '{...}' wins over the separate flags
-        schedule = IntervalSchedule(**given) if isinstance(given, dict) else IntervalSchedule(**fields_of(IntervalSchedule))
+        schedule = IntervalSchedule(**(given if isinstance(given, dict) else fields_of(IntervalSchedule)))
         config = B2DiffuRLConfig(**{**fields_of(B2DiffuRLConfig), "interval_schedule": schedule})
     except ValueError as err:
         parser.error(str(err))

@@ -38,7 +38,9 @@ def test_full_fine_tune_saves_a_loadable_pipeline(tiny_model_dir, tmp_path):
 def test_model_card_describes_the_run(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir)
     trainer.train(epochs=2)
-    trainer.save_pretrained(str(tmp_path / "lora"), base_model="runwayml/stable-diffusion-v1-5", reward_name="brightness")
+    trainer.save_pretrained(
+        str(tmp_path / "lora"), base_model="runwayml/stable-diffusion-v1-5", reward_name="brightness"
+    )
     card = ModelCard.load(str(tmp_path / "lora" / "README.md"))
     assert card.data.library_name == "diffusers" and card.data.base_model == "runwayml/stable-diffusion-v1-5"
     assert {"lora", "b2-diffurl", "text-to-image", "trl"} <= set(card.data.tags)

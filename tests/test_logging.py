@@ -62,7 +62,6 @@ def test_branch_grid_hook_without_a_tracker_or_folder_returns_the_grid(tiny_mode
 
 def test_composite_reward_parts_are_logged_per_stage(tiny_model_dir):
     from b2trl.rewards import CompositeReward
-
     from helpers import brightness_reward
 
     def darkness(images, prompts, metadata):

@@ -16,7 +16,6 @@ from b2trl.rewards import (
 )
 from b2trl.rewards.base import ClipImageSpec, check_reward_inputs, clip_preprocess
 
-
 try:
     import reward_helpers
 except ImportError:  # tests collected as a package
@@ -217,7 +216,9 @@ def test_composite_bad_part_output_and_arguments():
 
 
 def test_builtin_names_listed_and_resolved():
-    builtins = {"jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "pickscore", "toy_alignment"}
+    builtins = {
+        "jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "pickscore", "toy_alignment"
+    }
     assert builtins <= set(list_rewards())
     assert isinstance(get_reward("jpeg_compressibility"), JpegCompressibility)
     assert get_reward("jpeg_incompressibility", quality=80).quality == 80

@@ -8,7 +8,6 @@ import torch
 from b2trl.rewards import AestheticScorer, CLIPScore, CompositeReward, PickScore, RewardModelNotFoundError, get_reward
 from b2trl.rewards.base import clip_preprocess
 
-
 try:
     import reward_helpers
 except ImportError:  # tests collected as a package

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 # Images are allowed to overshoot [0, 1] by this much (VAE decoders and fp16/bf16 rounding produce values
 # like 1.0004); anything further out is a caller bug (e.g. [-1, 1] or [0, 255] images) and is rejected.
 RANGE_TOLERANCE = 1e-3

@@ -21,7 +21,6 @@ from .base import (
     read_processor_config,
 )
 
-
 AESTHETIC_CLIP_MODEL = "openai/clip-vit-large-patch14"
 AESTHETIC_HEAD_REPO = "trl-lib/ddpo-aesthetic-predictor"
 AESTHETIC_HEAD_FILENAME = "aesthetic-model.pth"

@@ -12,9 +12,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from helpers import brightness_reward, cycling_prompts, small_config  # noqa: E402
-
 from b2trl import B2DiffuRLTrainer, load_pipeline  # noqa: E402
+from helpers import brightness_reward, cycling_prompts, small_config  # noqa: E402
 
 torch.set_num_threads(1)
 parser = argparse.ArgumentParser()
