@@ -8,7 +8,8 @@ neither shape right (0.5), while the correct picture gets 1.0.
 
 Per image, the attributes of its template are scored 0/1:
 
-- single: ``colour_a`` (a compact blob of the colour exists), ``shape_a`` (that blob has the named shape);
+- single: ``colour_a`` (a compact blob of the colour exists), ``shape_a`` (that blob has the named shape, read
+  from how its area sits in its bounding box, see :func:`measure_blobs`);
 - binding: ``colour_a``, ``shape_a``, ``colour_b``, ``shape_b``;
 - relation: the four above and ``relation`` (centroids ordered along the named axis by at least 2 px).
 
@@ -30,8 +31,9 @@ HUE_TOLERANCE = 0.4  # distance in normalised-chroma space to the nearest palett
 MIN_AREA = 15  # pixels of a blob for an object to be present (rendered objects have 50-180)
 MIN_FILL = 0.35  # a present blob must fill this much of its bounding box (rejects speckle)
 RELATION_MARGIN = 2.0  # pixels
-# Fill ratio of the bounding box: triangle ~0.55, circle ~0.8, square ~1.0.
-TRIANGLE_MAX_FILL, CIRCLE_MAX_FILL = 0.67, 0.9
+# Shape descriptors (see ``measure_blobs``): share of the area in the top half, cover of the corner cells.
+TRIANGLE_MAX_TOP = 0.55  # area of the top third over the bottom third: upright triangle ~0.2, others ~1
+SQUARE_MIN_CORNER = 0.65  # square ~1.0, circle ~0.3
 
 
 def _hue(rgb: torch.Tensor, dim: int) -> torch.Tensor:
@@ -75,23 +77,44 @@ def largest_component(masks: torch.Tensor) -> torch.Tensor:
 
 
 def measure_blobs(images: torch.Tensor) -> dict:
-    """Per image and palette colour: area, fill ratio, centroid (x, y), presence and shape index (B, K)."""
+    """Per image and palette colour (B, K): area, fill ratio, centroid (x, y), presence and shape index.
+
+    Shape is read from two blur-tolerant descriptors of the blob inside its bounding box: the area in its top
+    third over the area in its bottom third (an upright triangle ~0.2, a circle or square ~1) and how much of the
+    four corner cells of a 4×4 grid over the box it covers (a square ~1, a circle ~0.3). A plain fill ratio confuses a decoder's rounded square
+    with a circle.
+    """
     blobs = largest_component(colour_masks(images)).float()
     b, k, h, w = blobs.shape
     ys = torch.arange(h, dtype=torch.float32, device=blobs.device) + 0.5
     xs = torch.arange(w, dtype=torch.float32, device=blobs.device) + 0.5
     area = blobs.sum((2, 3))
     rows, cols = blobs.amax(3), blobs.amax(2)  # (B, K, H), (B, K, W)
-    height = (rows * ys).amax(2) - torch.where(rows > 0, ys, float("inf")).amin(2) + 1
-    width = (cols * xs).amax(2) - torch.where(cols > 0, xs, float("inf")).amin(2) + 1
-    fill = torch.where(area > 0, area / (height * width).clamp_min(1), torch.zeros_like(area))
+    y0 = torch.where(rows > 0, ys, float("inf")).amin(2) - 0.5
+    y1 = (rows * ys).amax(2) + 0.5
+    x0 = torch.where(cols > 0, xs, float("inf")).amin(2) - 0.5
+    x1 = (cols * xs).amax(2) + 0.5
+    height, width = (y1 - y0).clamp_min(1), (x1 - x0).clamp_min(1)
+    fill = torch.where(area > 0, area / (height * width), torch.zeros_like(area))
     safe = area.clamp_min(1)
     cx = (blobs.sum(2) * xs).sum(2) / safe
     cy = (blobs.sum(3) * ys).sum(2) / safe
+    ry = ((ys[None, None, :] - y0[..., None]) / height[..., None]).nan_to_num(-1.0)  # (B, K, H) in [0, 1]
+    rx = ((xs[None, None, :] - x0[..., None]) / width[..., None]).nan_to_num(-1.0)  # (B, K, W)
+    row_area = blobs.sum(3)
+    top = (row_area * ((ry >= 0) & (ry < 1 / 3))).sum(2) / (row_area * (ry > 2 / 3) * (ry <= 1)).sum(2).clamp_min(1)
+    edge_y = ((ry >= 0) & (ry < 0.25)) | ((ry > 0.75) & (ry <= 1))
+    edge_x = ((rx >= 0) & (rx < 0.25)) | ((rx > 0.75) & (rx <= 1))
+    corner = (edge_y[..., :, None] & edge_x[..., None, :]).float()
+    corner_fill = (blobs * corner).sum((2, 3)) / corner.sum((2, 3)).clamp_min(1)
     present = (area >= MIN_AREA) & (fill >= MIN_FILL)
-    shape = (fill > TRIANGLE_MAX_FILL).long() + (fill > CIRCLE_MAX_FILL).long()  # 0 triangle, 1 circle, 2 square
-    shape_index = torch.tensor([SHAPES.index(s) for s in ("triangle", "circle", "square")], device=blobs.device)
-    return {"area": area, "fill": fill, "cx": cx, "cy": cy, "present": present, "shape": shape_index[shape]}
+    is_triangle = top < TRIANGLE_MAX_TOP
+    is_square = ~is_triangle & (corner_fill > SQUARE_MIN_CORNER)
+    shape = torch.where(is_triangle, SHAPES.index("triangle"), torch.where(is_square, SHAPES.index("square"), SHAPES.index("circle")))
+    return {
+        "area": area, "fill": fill, "cx": cx, "cy": cy, "top": top, "corner_fill": corner_fill,
+        "present": present, "shape": shape,
+    }
 
 
 @lru_cache(maxsize=4096)
