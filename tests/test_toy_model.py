@@ -54,7 +54,13 @@ def test_trl_ddpo_pipeline_attaches_lora():
     assert lora and all(any(t in n for t in ("to_q", "to_k", "to_v", "to_out.0")) for n in lora)
     assert any(p.requires_grad for p in (layers.parameters() if hasattr(layers, "parameters") else layers))
     ddpo.sd_pipeline.set_progress_bar_config(disable=True)
-    out = ddpo(prompt=["a red circle and a blue square"] * 2, num_inference_steps=3, guidance_scale=5.0, eta=1.0, output_type="pt")
+    out = ddpo(
+        prompt=["a red circle and a blue square"] * 2,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        eta=1.0,
+        output_type="pt",
+    )
     assert out.images.shape == (2, 3, 32, 32) and len(out.log_probs) == 3
 
 
@@ -62,7 +68,9 @@ def test_model_draws_better_than_noise(pipe):
     prompts = train_prompts()[:48]
     images = generate(pipe, prompts, seeds=(0,))[0]
     model = alignment_reward(images, prompts)[0].mean().item()
-    noise = alignment_reward(torch.rand(len(prompts), 3, 32, 32, generator=torch.Generator().manual_seed(0)), prompts)[0]
+    noise = alignment_reward(torch.rand(len(prompts), 3, 32, 32, generator=torch.Generator().manual_seed(0)), prompts)[
+        0
+    ]
     assert model > noise.mean().item() + 0.3
 
 

@@ -42,7 +42,9 @@ def test_split_is_disjoint_on_scenes_not_just_strings():
         assert not any(s.key in held for s in all_train_scenes(t))
 
 
-@pytest.mark.parametrize("bad", ["a red hexagon", "a red circle and a red square", "draw a cat", "", "a red circle near a blue square"])
+@pytest.mark.parametrize(
+    "bad", ["a red hexagon", "a red circle and a red square", "draw a cat", "", "a red circle near a blue square"]
+)
 def test_unparseable_prompt_raises_naming_it(bad):
     with pytest.raises(ValueError, match="prompt"):
         parse_prompt(bad)
@@ -105,3 +107,16 @@ def test_render_shape_range_and_determinism():
     a = render(["a cyan triangle below a yellow square", "a green circle"], seed=5)
     assert a.shape == (2, 3, 32, 32) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
     assert np.array_equal(a, render(["a cyan triangle below a yellow square", "a green circle"], seed=5))
+
+
+def test_components_variant_matches_and_reports_relation_accuracy():
+    from b2trl.toy import alignment_reward_with_components
+
+    prompts = ["a red circle", "a red circle left of a blue square", "a cyan square and a green triangle"]
+    drawn = ["a red circle", "a red circle right of a blue square", "a cyan square and a green triangle"]
+    images = torch.from_numpy(render(drawn, seed=2))
+    rewards, meta = alignment_reward_with_components(images, prompts)
+    assert torch.equal(rewards, alignment_reward(images, prompts)[0])
+    parts = meta["components"]
+    assert parts["colour"].shape == (3,) and parts["relation"].tolist() == [0.0]
+    assert len(meta["per_image"]) == 3

@@ -9,7 +9,7 @@ Importing this package is light (numpy and torch); diffusers is only imported by
 
 import os
 
-from .reward import alignment_reward
+from .reward import alignment_reward, alignment_reward_with_components
 from .world import COLOURS, PALETTE, SHAPES, TEMPLATES, heldout_prompts, is_heldout, parse_prompt, render, train_prompts
 
 
@@ -32,6 +32,7 @@ __all__ = [
     "SHAPES",
     "TEMPLATES",
     "alignment_reward",
+    "alignment_reward_with_components",
     "evaluate_alignment",
     "generate",
     "heldout_prompts",

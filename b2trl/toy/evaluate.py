@@ -81,9 +81,7 @@ def diversity(images: torch.Tensor) -> float:
     if s < 2:
         return float("nan")
     flat = images.reshape(s, images.shape[1], -1).float() * 255
-    dists = [
-        (flat[i] - flat[j]).pow(2).mean(1).sqrt() for i in range(s) for j in range(i + 1, s)
-    ]  # each (P,)
+    dists = [(flat[i] - flat[j]).pow(2).mean(1).sqrt() for i in range(s) for j in range(i + 1, s)]  # each (P,)
     return torch.stack(dists).mean().item()
 
 
@@ -182,7 +180,7 @@ def save_grid(images, path: str, nrow: int, labels=None, scale: int = 3, pad: in
     cell_h, cell_w = h * scale + pad, w * scale + pad
     label_w = 0
     if labels:
-        label_w = 6 * max(len(str(l)) for l in labels) + 8
+        label_w = 6 * max(len(str(label)) for label in labels) + 8
     canvas = Image.new("RGB", (label_w + nrow * cell_w + pad, rows * cell_h + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i in range(n):
@@ -210,7 +208,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     prompts = heldout_prompts() if args.split == "heldout" else train_prompts()
     res = evaluate_alignment(
-        args.model, args.lora, prompts, args.seeds, args.steps, args.guidance_scale, args.eta, args.batch_size,
+        args.model,
+        args.lora,
+        prompts,
+        args.seeds,
+        args.steps,
+        args.guidance_scale,
+        args.eta,
+        args.batch_size,
         return_images=args.grid is not None,
     )
     if args.grid:

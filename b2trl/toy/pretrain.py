@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .reward import alignment_reward, score_attributes
@@ -50,9 +49,14 @@ def build_tokenizer(folder: str, seed: int = 0):
     words = list(COLOURS) + list(SHAPES) + [w for r in RELATIONS for w in r.split()] + ["a", "an", "and", "on", "the"]
     corpus = sample_train_prompts(4000, rng) + [" ".join(words)] * 10
     tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(_CLIP_SPLIT), "removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), "removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -77,7 +81,9 @@ def build_tokenizer(folder: str, seed: int = 0):
     try:  # transformers >= 5 takes the vocabulary and merges themselves
         clip = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
     except TypeError:  # transformers 4 takes files
-        clip = CLIPTokenizer(vocab_file=os.path.join(folder, "vocab.json"), merges_file=merges_path, model_max_length=MAX_LENGTH)
+        clip = CLIPTokenizer(
+            vocab_file=os.path.join(folder, "vocab.json"), merges_file=merges_path, model_max_length=MAX_LENGTH
+        )
     clip.save_pretrained(folder)
     # save_pretrained of transformers 5 writes tokenizer.json only; keep the files transformers 4 needs.
     with open(os.path.join(folder, "vocab.json"), "w") as f:
@@ -352,7 +358,10 @@ def main(argv=None):
     train_vae(vae, args, rng)
     log["vae_minutes"] = (time.time() - t0) / 60
     log["vae_reconstruction_reward"] = vae_check(vae)
-    print(f"vae: {log['vae_minutes']:.1f} min, reward of reconstructions {log['vae_reconstruction_reward']:.4f}", flush=True)
+    print(
+        f"vae: {log['vae_minutes']:.1f} min, reward of reconstructions {log['vae_reconstruction_reward']:.4f}",
+        flush=True,
+    )
     vae.requires_grad_(False)
 
     ema_unet, ema_text, picks = train_unet(vae, unet, text_encoder, tokenizer, scheduler, args, rng, log)
@@ -371,7 +380,10 @@ def main(argv=None):
     log["total_minutes"] = (time.time() - start) / 60
     with open(os.path.join(args.output_dir, "log.json"), "w") as f:
         json.dump(log, f, indent=1)
-    print(f"done in {log['total_minutes']:.1f} min; saved {args.output_dir}/pipeline ({log.get('picked', 'last')})", flush=True)
+    print(
+        f"done in {log['total_minutes']:.1f} min; saved {args.output_dir}/pipeline ({log.get('picked', 'last')})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

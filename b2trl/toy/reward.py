@@ -1,7 +1,7 @@
 """Exact prompt–image alignment for the toy world, measured from pixels.
 
 For every palette colour the checker finds the pixels of that hue, keeps the largest connected blob and
-measures it (area, bounding-box fill ratio, centroid). Attributes are then read *through the prompt's
+measures it (area, compactness, shape descriptors, centroid). Attributes are then read *through the prompt's
 colours*, which is what makes binding measurable: for "a red circle and a blue square" the shape credited to
 the first object is the shape of the red blob. A blue circle with a red square therefore gets both colours but
 neither shape right (0.5), while the correct picture gets 1.0.
@@ -81,8 +81,8 @@ def measure_blobs(images: torch.Tensor) -> dict:
 
     Shape is read from two blur-tolerant descriptors of the blob inside its bounding box: the area in its top
     third over the area in its bottom third (an upright triangle ~0.2, a circle or square ~1) and how much of the
-    four corner cells of a 4×4 grid over the box it covers (a square ~1, a circle ~0.3). A plain fill ratio confuses a decoder's rounded square
-    with a circle.
+    four corner cells of a 4×4 grid over the box it covers (a square ~1, a circle ~0.3). A plain fill ratio
+    confuses a decoder's rounded square with a circle.
     """
     blobs = largest_component(colour_masks(images)).float()
     b, k, h, w = blobs.shape
@@ -110,10 +110,18 @@ def measure_blobs(images: torch.Tensor) -> dict:
     present = (area >= MIN_AREA) & (fill >= MIN_FILL)
     is_triangle = top < TRIANGLE_MAX_TOP
     is_square = ~is_triangle & (corner_fill > SQUARE_MIN_CORNER)
-    shape = torch.where(is_triangle, SHAPES.index("triangle"), torch.where(is_square, SHAPES.index("square"), SHAPES.index("circle")))
+    shape = torch.where(
+        is_triangle, SHAPES.index("triangle"), torch.where(is_square, SHAPES.index("square"), SHAPES.index("circle"))
+    )
     return {
-        "area": area, "fill": fill, "cx": cx, "cy": cy, "top": top, "corner_fill": corner_fill,
-        "present": present, "shape": shape,
+        "area": area,
+        "fill": fill,
+        "cx": cx,
+        "cy": cy,
+        "top": top,
+        "corner_fill": corner_fill,
+        "present": present,
+        "shape": shape,
     }
 
 
@@ -200,3 +208,25 @@ def alignment_reward(images: torch.Tensor, prompts, prompt_metadata=None):
         d["extra_objects"] = int(e)
         meta.append(d)
     return reward.to(torch.float32), meta
+
+
+def alignment_reward_with_components(images: torch.Tensor, prompts, prompt_metadata=None):
+    """:func:`alignment_reward` with its parts in the ``metadata["components"]`` form that b2trl's trainer logs.
+
+    Returns:
+        `tuple(torch.Tensor, dict)`: the same rewards, and ``{"components": {...}, "per_image": [...]}`` where
+        ``per_image`` is :func:`alignment_reward`'s list and the components are float32 CPU tensors: ``colour``
+        and ``shape`` (per image, the mean over its objects), ``extra_objects`` (per image) and ``relation``
+        (one value per image whose prompt has a relation, so that its mean is the relation accuracy).
+    """
+    attrs, extra, reward, _ = score_attributes(images, list(prompts))
+    attrs = attrs.cpu()
+    has_relation = ~torch.isnan(attrs[:, 4])
+    components = {
+        "colour": attrs[:, [0, 2]].nanmean(1),
+        "shape": attrs[:, [1, 3]].nanmean(1),
+        "relation": attrs[has_relation, 4],
+        "extra_objects": extra.cpu(),
+    }
+    per_image = alignment_reward(images, prompts)[1]
+    return reward.to(torch.float32), {"components": components, "per_image": per_image}
