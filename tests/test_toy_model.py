@@ -87,3 +87,24 @@ def test_evaluation_is_deterministic_and_grid_saves(pipe, tmp_path):
 
     img = Image.open(path)
     assert img.size[0] > 2 * 32 and img.size[1] >= 3 * 32
+
+
+def test_lora_saved_by_trl_loads_into_evaluation(tmp_path):
+    from accelerate import PartialState
+    from trl import DefaultDDPOStableDiffusionPipeline
+
+    PartialState()
+    ddpo = DefaultDDPOStableDiffusionPipeline(model_path(), use_lora=True)
+    ddpo.get_trainable_layers()
+    with torch.no_grad():  # a visible change: LoRA B matrices start at zero
+        for name, p in ddpo.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    ddpo.save_pretrained(str(tmp_path))
+    assert os.path.exists(tmp_path / "pytorch_lora_weights.safetensors")
+    prompts = ["a red circle above a blue square"]
+    base = evaluate_alignment(None, prompts=prompts, seeds=(0,), num_inference_steps=3, return_images=True)
+    tuned = evaluate_alignment(
+        None, lora_path=str(tmp_path), prompts=prompts, seeds=(0,), num_inference_steps=3, return_images=True
+    )
+    assert not torch.allclose(base["images"], tuned["images"], atol=1e-3)
