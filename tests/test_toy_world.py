@@ -120,3 +120,12 @@ def test_components_variant_matches_and_reports_relation_accuracy():
     parts = meta["components"]
     assert parts["colour"].shape == (3,) and parts["relation"].tolist() == [0.0]
     assert len(meta["per_image"]) == 3
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, b2trl.toy; print(any(m in sys.modules for m in ('trl', 'diffusers', 'transformers')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
