@@ -446,7 +446,8 @@ class B2DiffuRLTrainer(DDPOTrainer):
             if isinstance(metadata, dict) and isinstance(metadata.get("components"), dict):
                 for name, values in metadata["components"].items():
                     parts[name].append(torch.as_tensor(values, dtype=torch.float32).reshape(-1).cpu())
-        return {f"reward/{name}": float(torch.cat(v).mean()) for name, v in parts.items()}
+        # a part may have no values this stage (e.g. a relation score when no prompt had a relation)
+        return {f"reward/{name}": float(torch.cat(v).mean()) for name, v in parts.items() if torch.cat(v).numel()}
 
     # ------------------------------------------------------------------ training
 
