@@ -36,18 +36,18 @@ TOY = "toy"
 PRESETS = {
     "reference": {},
     "toy": dict(
-        num_epochs=12,
-        sample_batch_size=8,
+        num_epochs=20,
+        sample_batch_size=16,
         sample_num_batches_per_epoch=1,
         num_branches=4,
         train_batch_size=8,
         train_gradient_accumulation_steps=1,
-        train_learning_rate=3e-3,
+        train_learning_rate=1e-3,
         history_stages=4,
-        initial_length=10,
-        num_stages=12,
+        initial_length=14,
+        num_stages=10,
         mixed_precision="no",
-        save_freq=0,
+        save_freq=5,
     ),
 }
 
