@@ -114,7 +114,7 @@ class B2DiffuRLTrainer(DDPOTrainer):
             self.trainable_params, self.optimizer = self.accelerator.prepare(trainable, optimizer)
             self.training_unet = self.sd_pipeline.unet
         else:
-            # train through the prepared module so DDP/FSDP see the forward and all-reduce gradients
+            # train through the prepared module so that DDP sees the forward and all-reduces gradients
             self.training_unet, self.optimizer = self.accelerator.prepare(trainable, optimizer)
             self.trainable_params = [p for p in self.training_unet.parameters() if p.requires_grad]
         self.executor = futures.ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
