@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
@@ -169,27 +168,12 @@ def save_grid(images, path: str, nrow: int, labels=None, scale: int = 3, pad: in
         labels (`list[str]`, *optional*): one label per row.
         scale (`int`): nearest-neighbour upscaling factor.
     """
-    from PIL import Image, ImageDraw
+    from ..images import image_grid
 
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).float().cpu()
     if x.ndim == 5:  # (S, P, ...) -> prompt-major
         x = x.transpose(0, 1).reshape(-1, *x.shape[2:])
-    n, _, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    arr = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    cell_h, cell_w = h * scale + pad, w * scale + pad
-    label_w = 0
-    if labels:
-        label_w = 6 * max(len(str(label)) for label in labels) + 8
-    canvas = Image.new("RGB", (label_w + nrow * cell_w + pad, rows * cell_h + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        tile = Image.fromarray(arr[i]).resize((w * scale, h * scale), Image.NEAREST)
-        canvas.paste(tile, (label_w + pad + c * cell_w, pad + r * cell_h))
-    for r, label in enumerate(labels or []):
-        draw.text((4, pad + r * cell_h + cell_h // 2 - 6), str(label), fill=(0, 0, 0))
-    canvas.save(path)
+    image_grid(x, nrow, row_labels=labels, scale=scale, pad=pad).save(path)
     return path
 
 
