@@ -328,7 +328,11 @@ def main(argv=None):
         from b2trl.toy import heldout_prompts, save_grid
 
         print("Evaluating the trained LoRA on held-out prompts...")
-        after = evaluate_toy(None, seeds, lora_path=lora_dir if trainer.use_lora else None)
+        # from the saved folder, as a user would load it: base + LoRA, or the saved full pipeline
+        if trainer.use_lora:
+            after = evaluate_toy(None, seeds, lora_path=lora_dir)
+        else:
+            after = evaluate_toy(lora_dir, seeds)
         grid = os.path.join(args.output_dir, "before_after_heldout.png")
         shown = min(8, len(heldout_prompts()))
         # one row per held-out prompt: its seeds before training, then the same seeds after
