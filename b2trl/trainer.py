@@ -296,6 +296,11 @@ class B2DiffuRLTrainer(DDPOTrainer):
             advantages_from_z(z, config.train_adv_clip_max), dtype=torch.float32, device=self.accelerator.device
         )
         self.last_local_kept = int(keep.sum())
+        # how many kept samples are pushed up vs down: a run whose kept samples all push down is degrading
+        kept_z = z.reshape(keep.shape)[keep]
+        signs = self.accelerator.gather(
+            torch.tensor([int((kept_z > 0).sum()), int((kept_z < 0).sum())], device=self.accelerator.device)
+        ).reshape(-1, 2).sum(0)
         kept_counts = self.accelerator.gather(
             torch.tensor([int(keep.sum())], device=self.accelerator.device)
         ).cpu()
@@ -311,6 +316,8 @@ class B2DiffuRLTrainer(DDPOTrainer):
             "groups_total": int(keep.shape[0] * self.accelerator.num_processes),
             "samples_kept": int(kept_counts.sum()),
             "samples_total": int(all_rewards.size),
+            "samples_kept_positive": int(signs[0]),
+            "samples_kept_negative": int(signs[1]),
         }
         stats.update(self._reward_components(rewards_metadata))
 

@@ -39,6 +39,8 @@ def test_stage_stats_and_optimizer_steps_follow_the_kept_samples(tiny_model_dir)
     assert stats["interval_length"] == 2 and stats["branch_point"] == 4
     assert stats["groups_total"] == 4 and stats["samples_total"] == 12
     assert 0 < stats["samples_kept"] <= 2 * stats["groups_kept"] <= 8
+    # with thresholds +-0.5 every kept sample has a clearly signed advantage
+    assert stats["samples_kept_positive"] + stats["samples_kept_negative"] == stats["samples_kept"]
     # micro-batches of 2, an optimizer step every 2 micro-batches, per inner epoch
     per_epoch = -(-(-(-stats["samples_kept"] // 2)) // 2)
     assert global_step == stats["optimizer_steps"] == 2 * per_epoch
