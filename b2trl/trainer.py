@@ -7,7 +7,6 @@ best/worst selection per group → PPO-clip on the kept samples' interval steps 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 from collections import defaultdict
@@ -453,8 +452,9 @@ class B2DiffuRLTrainer(DDPOTrainer):
             if isinstance(metadata, dict) and isinstance(metadata.get("components"), dict):
                 for name, values in metadata["components"].items():
                     parts[name].append(torch.as_tensor(values, dtype=torch.float32).reshape(-1).cpu())
+        values = {name: torch.cat(v) for name, v in parts.items()}
         # a part may have no values this stage (e.g. a relation score when no prompt had a relation)
-        return {f"reward/{name}": float(torch.cat(v).mean()) for name, v in parts.items() if torch.cat(v).numel()}
+        return {f"reward/{name}": float(v.mean()) for name, v in values.items() if v.numel()}
 
     # ------------------------------------------------------------------ training
 
@@ -468,6 +468,7 @@ class B2DiffuRLTrainer(DDPOTrainer):
         config, device = self.config, self.accelerator.device
         total, num_timesteps = samples["timesteps"].shape
         info = defaultdict(list)
+        first_step = global_step
         self.training_unet.train()
         for inner_epoch in range(config.train_num_inner_epochs):
             perm = torch.randperm(total, device=device)
@@ -516,10 +517,7 @@ class B2DiffuRLTrainer(DDPOTrainer):
                 global_step += 1
         stats = {k: torch.stack(v).float().mean() for k, v in info.items()}
         stats = {k: float(v) for k, v in self.accelerator.reduce(stats, reduction="mean").items()}
-        stats["optimizer_steps"] = sum(
-            math.ceil(math.ceil(total / config.train_batch_size) / config.train_gradient_accumulation_steps)
-            for _ in range(config.train_num_inner_epochs)
-        )
+        stats["optimizer_steps"] = global_step - first_step
         return global_step, stats
 
     def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
