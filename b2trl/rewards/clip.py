@@ -196,7 +196,8 @@ class PickScore(ClipRewardBase):
     CLIP-H model; about 18–24 for typical Stable Diffusion images (scale 100 times a cosine).
 
     Args:
-        model_name_or_path (`str`, *optional*, defaults to `"yuvalkirstain/PickScore_v1"`).
+        model_name_or_path (`str`, *optional*, defaults to `"yuvalkirstain/PickScore_v1"`): Hub id or local
+            folder of the PickScore CLIP model.
         processor_name_or_path (`str`, *optional*): tokenizer/image settings; defaults to
             `"laion/CLIP-ViT-H-14-laion2B-s32B-b79K"` (what PickScore was trained with) when the model is the
             default one, and to `model_name_or_path` otherwise.

@@ -94,7 +94,7 @@ def get_reward(name: str | Callable, **kwargs) -> Callable:
 
     Raises:
         `ValueError`: unknown name (the message lists the known ones) or a `module:attribute` that cannot be
-        imported.
+            imported.
     """
     if callable(name) and not isinstance(name, str):
         if kwargs:
