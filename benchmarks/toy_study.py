@@ -1,0 +1,615 @@
+"""Sample efficiency on the toy world: B²-DiffuRL, two ablations and plain TRL DDPO at an equal image budget.
+
+Every (method, seed) run samples the same number of images and evaluates held-out alignment
+(`b2trl.toy.evaluate_alignment` on `toy.heldout_prompts()`, fixed evaluation seeds) before training and every
+`eval_every_images` sampled images. Methods:
+
+- `b2`: B²-DiffuRL (`B2DiffuRLTrainer`), starting from the toy preset of `examples/train_sd.py`;
+- `ddpo`: plain `trl.DDPOTrainer` (trl 0.23.1) with per-prompt stat tracking and every timestep trained;
+- `b2_no_schedule`: B² training the whole trajectory from stage 0 (no backward progressive schedule);
+- `b2_no_branching`: B² with one branch per prompt (no groups), every sample trained with its per-prompt z-score.
+
+All settings are in `SETTINGS` at the top of this script; `--set BLOCK.KEY=VALUE` (repeatable) and
+`--settings_json` override them:
+
+    python benchmarks/toy_study.py                                  # the study: 4 methods x 3 seeds, report in docs/
+    python benchmarks/toy_study.py --set b2.train_learning_rate=3e-4 --set b2.num_branches=8
+    python benchmarks/toy_study.py --settings_json '{"shared": {"train_num_inner_epochs": 1}}'
+    python benchmarks/toy_study.py --show_settings                  # print the resolved settings and exit
+    python benchmarks/toy_study.py --report                         # only rebuild docs/study.md and its plots
+    python benchmarks/toy_study.py --quick --output_dir outputs/quick  # CI-sized smoke run, report there too
+
+Each finished run is written to `<output_dir>/runs/<method>_seed<k>.json` (its curve also to
+`<method>_seed<k>.partial.json` as it goes). A rerun skips finished runs whose settings are unchanged; a run
+whose settings changed is trained again (the old file is kept as `.json.stale`). An interrupted run starts
+again from its beginning: runs write no checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import gc
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toy_study_report as report  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("b2", "ddpo", "b2_no_schedule", "b2_no_branching")
+
+# ------------------------------------------------------------------------------------------------ settings
+# Everything that defines the study and its methods. A method's configuration is resolved as
+#   shared  ->  its base method's block (if it names one)  ->  its own block,
+# so `--set b2.train_learning_rate=...` also changes the ablations built on b2 (unless they set that key), while
+# `--set shared.<key>=...` changes B² and DDPO alike. Keys are fields of `B2DiffuRLConfig` (b2*) or `trl.DDPOConfig`
+# (ddpo); a key may drop the `train_` / `sample_` prefix when that is unambiguous (`b2.learning_rate`).
+# `interval_schedule` holds `IntervalSchedule` fields; `initial_length: "T"` means `sample_num_steps`.
+SETTINGS = {
+    "study": {
+        "budget_images": 1280,  # sampled images per (method, seed): 20 stages of 64
+        "eval_every_images": 128,  # held-out evaluation every this many sampled images (and at 0)
+        "seeds": [0, 1, 2],  # training seeds
+        "eval_seeds": [0, 1, 2],  # evaluation noise seeds: fixed, independent of the training seed
+        "eval_num_prompts": None,  # None: all 45 held-out prompts; n: n of them, spread over the list
+    },
+    # B² and DDPO alike: the sampler, the PPO update and the optimiser
+    "shared": {
+        "sample_num_steps": 20,
+        "sample_eta": 1.0,
+        "sample_guidance_scale": 5.0,
+        "train_learning_rate": 1e-3,
+        "train_clip_range": 0.1,
+        "train_adv_clip_max": 5.0,
+        "train_max_grad_norm": 1.0,
+        "train_batch_size": 8,
+        "train_gradient_accumulation_steps": 1,
+        "train_num_inner_epochs": 2,
+        "mixed_precision": "no",
+    },
+    # the toy preset of examples/train_sd.py: 16 prompts x 4 branches = 64 images per stage
+    "b2": {
+        "trainer": "b2",
+        "sample_batch_size": 16,
+        "sample_num_batches_per_epoch": 1,
+        "num_branches": 4,
+        "selection_rule": "best_worst",
+        "selection_threshold_best": 0.5,
+        "selection_threshold_worst": -0.5,
+        "history_stages": 4,
+        "interval_schedule": {"initial_length": 14, "num_stages": 10},
+    },
+    # 64 images per stage, every timestep trained; per-prompt statistics once a prompt has 4 rewards (before
+    # that TRL standardises by the batch), over its last 16 rewards
+    "ddpo": {
+        "trainer": "ddpo",
+        "sample_batch_size": 64,
+        "sample_num_batches_per_epoch": 1,
+        "train_timestep_fraction": 1.0,
+        "per_prompt_stat_tracking": True,
+        "per_prompt_stat_tracking_buffer_size": 16,
+        "per_prompt_stat_tracking_min_count": 4,
+    },
+    # the whole trajectory from stage 0: branches fork at step 0 (they share only the initial noise)
+    "b2_no_schedule": {"base": "b2", "interval_schedule": {"initial_length": "T"}},
+    # one branch per prompt: plain trajectories, all trained with their per-prompt z-score (same interval
+    # schedule, same history); 64 prompts x 1 branch keeps 64 images per stage
+    "b2_no_branching": {"base": "b2", "num_branches": 1, "sample_batch_size": 64, "selection_rule": "all"},
+}
+
+# --quick: a CI-sized smoke run (2 stages of 4 images per method, 1 seed, 2 prompts x 1 seed evaluated)
+QUICK = {
+    "study": {"budget_images": 8, "eval_every_images": 4, "seeds": [0], "eval_seeds": [0], "eval_num_prompts": 2},
+    "shared": {"train_batch_size": 2},
+    "b2": {"sample_batch_size": 2, "num_branches": 2, "interval_schedule": {"num_stages": 2}},
+    "ddpo": {"sample_batch_size": 4},
+    "b2_no_branching": {"sample_batch_size": 4},
+}
+
+# the study decides these per run; settings may not
+RESERVED = {"seed", "num_epochs", "save_freq", "log_with", "logdir", "project_kwargs", "resume_from", "run_name",
+            "exp_name", "push_to_hub"}
+STUDY_KEYS = set(SETTINGS["study"])
+SCHEDULE_KEYS = {"initial_length", "num_stages", "milestones"}
+
+
+# ------------------------------------------------------------------------------------------------ settings logic
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`base` updated by `override`, one level of nested dicts merged (for `interval_schedule`)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def config_fields(trainer: str) -> set[str]:
+    if trainer == "b2":
+        from b2trl import B2DiffuRLConfig as cls
+    else:
+        from trl import DDPOConfig as cls
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def canonical_key(block: str, key: str) -> str:
+    """The settings key that `key` names in `block` (fields may drop a `train_`/`sample_` prefix)."""
+    if block == "study":
+        allowed = STUDY_KEYS
+    else:
+        trainer = "ddpo" if block in ("ddpo", "shared") else "b2"
+        allowed = (config_fields(trainer) - RESERVED) | {"base", "trainer"}
+    if key in allowed:
+        return key
+    expanded = [prefix + key for prefix in ("train_", "sample_") if prefix + key in allowed]
+    if len(expanded) == 1:
+        return expanded[0]
+    hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+    raise SystemExit(
+        f"error: unknown setting {block}.{key}" + (f"; did you mean {block}.{hint[0]}?" if hint else "")
+        + (" (set by the study itself)" if key in RESERVED else "")
+    )
+
+
+def apply_override(settings: dict, path: str, value) -> None:
+    """Set `settings[block][key]` (or `[block][interval_schedule][field]`) from a dotted `path`."""
+    parts = path.split(".")
+    if len(parts) < 2 or parts[0] not in settings:
+        raise SystemExit(f"error: --set {path}: expected BLOCK.KEY with BLOCK one of {', '.join(settings)}")
+    block, key, rest = parts[0], canonical_key(parts[0], parts[1]), parts[2:]
+    if not rest:
+        settings[block][key] = value
+    elif key == "interval_schedule" and len(rest) == 1 and rest[0] in SCHEDULE_KEYS:
+        settings[block].setdefault(key, {})[rest[0]] = value
+    else:
+        raise SystemExit(f"error: --set {path}: only interval_schedule has sub-keys ({', '.join(SCHEDULE_KEYS)})")
+
+
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_settings(quick: bool, settings_json: str | None, sets: list[str]) -> dict:
+    """SETTINGS, then QUICK (with `quick`), then a JSON override, then each `--set`, in that order."""
+    settings = copy.deepcopy(SETTINGS)
+    if quick:
+        settings = {block: merge(values, QUICK.get(block, {})) for block, values in settings.items()}
+    if settings_json:
+        text = Path(settings_json).read_text() if os.path.isfile(settings_json) else settings_json
+        override = json.loads(text)
+        for block, values in override.items():
+            if block not in settings or not isinstance(values, dict):
+                raise SystemExit(f"error: --settings_json: expected {{BLOCK: {{KEY: VALUE}}}} with BLOCK one of "
+                                 f"{', '.join(settings)}; got {block!r}")
+            for key, value in values.items():
+                if key == "interval_schedule" and isinstance(value, dict):
+                    for field, field_value in value.items():
+                        apply_override(settings, f"{block}.{key}.{field}", field_value)
+                else:
+                    apply_override(settings, f"{block}.{key}", value)
+    for item in sets:
+        path, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set {item!r}: expected BLOCK.KEY=VALUE")
+        apply_override(settings, path.strip(), parse_value(value.strip()))
+    return settings
+
+
+def resolve_method(settings: dict, method: str) -> dict:
+    """The full configuration of `method`: shared -> base method -> own block; `trainer` says which class."""
+    own = settings[method]
+    chain = [own]
+    while "base" in chain[-1]:
+        chain.append(settings[chain[-1]["base"]])
+    resolved = copy.deepcopy(settings["shared"])
+    for block in reversed(chain):
+        resolved = merge(resolved, {k: v for k, v in block.items() if k != "base"})
+    if "trainer" not in resolved:
+        raise SystemExit(f"error: method {method} names no trainer (set trainer: b2 or ddpo, or a base)")
+    schedule = resolved.get("interval_schedule")
+    if isinstance(schedule, dict) and schedule.get("initial_length") == "T":
+        resolved["interval_schedule"] = {**schedule, "initial_length": resolved["sample_num_steps"]}
+    return resolved
+
+
+def images_per_stage(resolved: dict) -> int:
+    per_stage = resolved["sample_batch_size"] * resolved["sample_num_batches_per_epoch"]
+    return per_stage * (resolved.get("num_branches", 1) if resolved["trainer"] == "b2" else 1)
+
+
+def check_budget(study: dict, resolved: dict) -> None:
+    """Every method must hit the same evaluation points: each one's images per stage divides both numbers."""
+    budget, every = study["budget_images"], study["eval_every_images"]
+    if budget < 1 or every < 1:
+        raise SystemExit(f"error: budget_images ({budget}) and eval_every_images ({every}) must be positive")
+    problems = []
+    for method, config in resolved.items():
+        per_stage = images_per_stage(config)
+        if budget % per_stage or every % per_stage:
+            problems.append(f"{method} samples {per_stage} images per stage")
+    if problems:
+        raise SystemExit(
+            f"error: budget_images ({budget}) and eval_every_images ({every}) must be multiples of every method's "
+            f"images per stage: " + "; ".join(problems)
+        )
+
+
+def validate_configs(resolved: dict) -> None:
+    """Build every method's config once, so that a bad value stops the study before any run trains."""
+    from trl import DDPOConfig
+
+    for method, values in resolved.items():
+        values = {k: v for k, v in copy.deepcopy(values).items() if k != "trainer"}
+        try:
+            b2_config(values) if resolved[method]["trainer"] == "b2" else DDPOConfig(**values)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"error: settings of {method}: {err}") from err
+
+
+def eval_prompts(study: dict) -> list[str]:
+    from b2trl.toy import heldout_prompts
+
+    prompts = heldout_prompts()
+    n = study["eval_num_prompts"]
+    if n is None or n >= len(prompts):
+        return prompts
+    stride = len(prompts) // n  # spread over the list, which is ordered by template
+    return prompts[::stride][:n]
+
+
+def fingerprint(method_settings: dict, study: dict, seed: int) -> str:
+    """What decides a run's result; a finished run is reused only if this matches."""
+    decisive = {k: v for k, v in study.items() if k != "seeds"}
+    text = json.dumps({"settings": method_settings, "study": decisive, "seed": seed}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def _reset_accelerate():
+    # Runs share one process; each must start from a fresh accelerate state, as a new process would (the
+    # trainers' accelerators differ in gradient accumulation).
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def b2_config(values: dict):
+    from b2trl import B2DiffuRLConfig, IntervalSchedule
+
+    cls = B2DiffuRLConfig
+    if values.get("num_branches") == 1:
+        # B2DiffuRLConfig asks for >= 2 branches (a group needs two to compare); the rollout and the "all"
+        # selection work with one, which is exactly the no-branching ablation
+        class SingleBranchConfig(B2DiffuRLConfig):
+            def validation_errors(self):
+                return [e for e in super().validation_errors() if not e.startswith("num_branches")]
+
+        cls = SingleBranchConfig
+    schedule = IntervalSchedule(**values.pop("interval_schedule", {}))
+    return cls(**values, interval_schedule=schedule)
+
+
+def build_trainer(method_settings: dict, seed: int, num_stages: int, workdir: str):
+    """A fresh pipeline (LoRA) and trainer for one run; nothing is written under `workdir` (no checkpoints)."""
+    import torch
+    from accelerate import PartialState
+
+    import b2trl.toy as toy
+
+    _reset_accelerate()
+    PartialState()  # TRL's LoRA pipeline and trainer log through accelerate, which fails without a state
+    values = {k: v for k, v in copy.deepcopy(method_settings).items() if k != "trainer"}
+    common = dict(seed=seed, num_epochs=num_stages, log_with=None, logdir=workdir, exp_name="toy_study",
+                  project_kwargs={"project_dir": workdir})
+    rng = random.Random(seed)
+    prompts = toy.train_prompts()
+
+    def prompt_fn():
+        return rng.choice(prompts), {}
+
+    torch.manual_seed(seed)  # the LoRA's random init
+    if method_settings["trainer"] == "b2":
+        from b2trl import B2DiffuRLTrainer, load_pipeline
+
+        pipeline = load_pipeline(toy.model_path(), use_lora=True)
+        config = b2_config({**values, **common, "save_freq": 0})
+        trainer = B2DiffuRLTrainer(config, toy.alignment_reward, prompt_fn, pipeline)
+    else:
+        import warnings
+
+        from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+
+        # TRL warns that the base folder holds no LoRA weights: expected when a LoRA run starts from a base
+        trl_logger = logging.getLogger("trl.models.modeling_sd_base")
+        level = trl_logger.level
+        trl_logger.setLevel(logging.ERROR)
+        try:
+            pipeline = DefaultDDPOStableDiffusionPipeline(toy.model_path(), use_lora=True)
+        finally:
+            trl_logger.setLevel(level)
+        # save_freq beyond the last stage: TRL saves at every epoch divisible by it, and a study run is
+        # restarted from scratch rather than resumed (TRL's LoRA resume trains a fresh adapter, not the saved one)
+        config = DDPOConfig(**values, **common, save_freq=10**9)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="DDPOTrainer is deprecated")
+            trainer = DDPOTrainer(config, toy.alignment_reward, prompt_fn, pipeline)
+        trainer.sd_pipeline.set_progress_bar_config(disable=True)
+    return trainer
+
+
+class StageTimer:
+    """Times a trainer's sampling and reward calls (wrapped on the instance) and records the rewards."""
+
+    def __init__(self, trainer):
+        self.sample_seconds = self.reward_seconds = 0.0
+        self.rewards = []
+        generate, score = trainer._generate_samples, trainer.compute_rewards
+
+        def timed_generate(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.sample_seconds += time.perf_counter() - start
+
+        def timed_rewards(*args, **kwargs):
+            start = time.perf_counter()
+            rewards, metadata = tuple(score(*args, **kwargs))  # TRL returns a zip of the two
+            self.reward_seconds += time.perf_counter() - start
+            self.rewards = [float(x) for r in rewards for x in r.detach().float().reshape(-1).cpu()]
+            return rewards, metadata
+
+        trainer._generate_samples, trainer.compute_rewards = timed_generate, timed_rewards
+
+
+def lora_state(trainer) -> dict:
+    return {n: p.detach().clone() for n, p in trainer.sd_pipeline.unet.named_parameters() if "lora" in n}
+
+
+def evaluate(trainer, prompts, study, method_settings) -> dict:
+    import b2trl.toy as toy
+
+    trainer.sd_pipeline.unet.eval()
+    result = toy.evaluate_alignment(
+        trainer.sd_pipeline,
+        prompts=prompts,
+        seeds=tuple(study["eval_seeds"]),
+        num_inference_steps=method_settings["sample_num_steps"],
+        guidance_scale=method_settings["sample_guidance_scale"],
+        eta=method_settings["sample_eta"],
+    )
+    keep = ("overall", "per_seed", "per_template", "per_attribute", "extra_objects", "diversity", "num_images",
+            "per_prompt", "seconds")
+    return {k: result[k] for k in keep}
+
+
+B2_STAGE_KEYS = ("interval_length", "branch_point", "groups_kept", "groups_total", "samples_kept",
+                 "samples_kept_positive", "samples_kept_negative", "skipped_update", "loss", "approx_kl", "clipfrac")
+
+
+def run_one(method: str, seed: int, method_settings: dict, study: dict, paths: dict, meta: dict, log) -> dict:
+    """Train one (method, seed) for the budget, evaluating as it goes; returns the run record."""
+    per_stage = images_per_stage(method_settings)
+    num_stages = study["budget_images"] // per_stage
+    prompts = eval_prompts(study)
+    trainer = build_trainer(method_settings, seed, num_stages, paths["work"])
+    timer = StageTimer(trainer)
+    start_lora = lora_state(trainer)
+    record = {
+        "method": method, "seed": seed, "status": "running", "fingerprint": meta["fingerprint"],
+        "settings": method_settings, "study": study, "images_per_stage": per_stage, "num_stages": num_stages,
+        "eval_prompts": prompts, "curve": [], "stages": [], **{k: v for k, v in meta.items() if k != "fingerprint"},
+    }
+    train_seconds = eval_seconds = 0.0
+    started = time.perf_counter()
+
+    def evaluate_point(images: int, stage: int):
+        nonlocal eval_seconds
+        t0 = time.perf_counter()
+        point = evaluate(trainer, prompts, study, method_settings)
+        eval_seconds += time.perf_counter() - t0
+        point.update(images=images, stages=stage, train_seconds=round(train_seconds, 3))
+        if images < study["budget_images"]:
+            point.pop("per_prompt")
+        record["curve"].append(point)
+        report.write_json(paths["partial"], record)
+        log(f"{method} seed {seed}: {images:>5} images, held-out alignment {point['overall']:.3f} "
+            f"(train {train_seconds:.0f} s)")
+
+    evaluate_point(0, 0)
+    global_step = 0
+    for stage in range(num_stages):
+        sample_before, reward_before = timer.sample_seconds, timer.reward_seconds
+        t0 = time.perf_counter()
+        new_step = trainer.step(stage, global_step)
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        images = (stage + 1) * per_stage
+        row = {
+            "stage": stage, "images": images, "seconds": round(seconds, 3),
+            "sample_seconds": round(timer.sample_seconds - sample_before, 3),
+            "reward_seconds": round(timer.reward_seconds - reward_before, 3),
+            "reward_mean": sum(timer.rewards) / max(len(timer.rewards), 1),
+            "optimizer_steps": new_step - global_step,
+        }
+        stats = getattr(trainer, "last_stage_stats", {})
+        row.update({k: stats[k] for k in B2_STAGE_KEYS if k in stats})
+        record["stages"].append(row)
+        global_step = new_step
+        if images % study["eval_every_images"] == 0 or images == study["budget_images"]:
+            evaluate_point(images, stage + 1)
+
+    end_lora = lora_state(trainer)
+    record.update(
+        status="done",
+        final=record["curve"][-1],
+        lora_max_change=max(float((end_lora[n] - start_lora[n]).abs().max()) for n in start_lora),
+        wall={
+            "train_seconds": round(train_seconds, 2),
+            "sample_seconds": round(timer.sample_seconds, 2),
+            "reward_seconds": round(timer.reward_seconds, 2),
+            "eval_seconds": round(eval_seconds, 2),
+            "total_seconds": round(time.perf_counter() - started, 2),
+        },
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def machine_description(threads: int) -> dict:
+    import diffusers
+    import torch
+    import trl
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": threads,
+        "load_average_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "trl": trl.__version__,
+        "system": f"{platform.system()} {platform.machine()}",
+    }
+
+
+def code_version() -> str:
+    """The repository's commit, marked if the working tree has changes (`unknown` outside a git checkout)."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" with uncommitted changes" if dirty else "")
+
+
+def command_line(argv: list[str]) -> str:
+    """The invocation, with paths inside the repository written relative to it."""
+    root = str(REPO) + os.sep
+    return "python benchmarks/toy_study.py " + shlex.join(a.replace(root, "") for a in argv)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default=None,
+                   help="where runs/ go (default outputs/toy_study, or outputs/toy_study_quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="CI-sized smoke run; its report goes to --output_dir")
+    p.add_argument("--report", action="store_true", help="only aggregate the finished runs into the report")
+    p.add_argument("--report_dir", default=None,
+                   help="where study.md and img/ go (default docs/, or --output_dir for quick runs)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: study.seeds)")
+    p.add_argument("--budget_images", type=int, default=None, help="shortcut for --set study.budget_images=N")
+    p.add_argument("--eval_every_images", type=int, default=None, help="shortcut for study.eval_every_images")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="BLOCK.KEY=VALUE",
+                   help="override one setting (VALUE is JSON, else a string); repeatable")
+    p.add_argument("--settings_json", default=None,
+                   help='JSON object (or a file holding one) of overrides, e.g. \'{"b2": {"num_branches": 8}}\'')
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models run best on 1)")
+    p.add_argument("--show_settings", action="store_true", help="print the resolved settings and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    settings = load_settings(args.quick, args.settings_json, args.sets)
+    for key in ("seeds", "budget_images", "eval_every_images"):
+        if getattr(args, key) is not None:
+            settings["study"][key] = getattr(args, key)
+    study = settings["study"]
+    out = Path(args.output_dir or ("outputs/toy_study_quick" if args.quick else "outputs/toy_study"))
+    report_dir = Path(args.report_dir) if args.report_dir else (out if args.quick else REPO / "docs")
+    if args.quick and report.inside(report_dir, REPO / "docs"):
+        raise SystemExit("error: a --quick run never writes its report into docs/")
+
+    resolved = {m: resolve_method(settings, m) for m in args.methods}
+    check_budget(study, resolved)
+    if args.show_settings:
+        print(json.dumps({"study": study, **resolved}, indent=1))
+        return None
+
+    def log(message):
+        print(f"[toy_study] {message}", flush=True)
+
+    if not args.report:
+        import torch
+
+        validate_configs(resolved)
+        torch.set_num_threads(args.threads)
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        runs = out / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        machine, code = machine_description(args.threads), code_version()
+        for seed in study["seeds"]:  # seeds outermost: a partial study already compares every method
+            for method in args.methods:
+                name = f"{method}_seed{seed}"
+                final, partial = runs / f"{name}.json", runs / f"{name}.partial.json"
+                key = fingerprint(resolved[method], study, seed)
+                if final.exists():
+                    previous = json.loads(final.read_text())
+                    if previous.get("status") == "done" and previous.get("fingerprint") == key:
+                        log(f"skip {name}: finished ({final.relative_to(out)})")
+                        continue
+                    log(f"{name}: settings changed since {final.name} was written; training it again "
+                        f"(old result kept as {final.name}.stale)")
+                    os.replace(final, runs / f"{name}.json.stale")
+                if partial.exists():
+                    log(f"{name}: an earlier attempt stopped part-way; starting it again")
+                log(f"train {name}: {study['budget_images']} images, {images_per_stage(resolved[method])} per stage")
+                meta = {"fingerprint": key, "command": command_line(argv), "machine": machine, "quick": args.quick,
+                        "code": code}
+                paths = {"partial": partial, "work": str(out / "work" / name)}
+                record = run_one(method, seed, resolved[method], study, paths, meta, log)
+                gc.collect()  # the run's pipeline and trainer
+                report.write_json(final, record)
+                partial.unlink(missing_ok=True)
+                log(f"done {name}: held-out alignment {record['final']['overall']:.3f}, "
+                    f"train {record['wall']['train_seconds']:.0f} s, total {record['wall']['total_seconds']:.0f} s")
+
+    written = report.write_report(out / "runs", report_dir, command_line(argv), allow_quick=args.quick
+                                  or not report.inside(report_dir, REPO / "docs"), method_order=METHODS)
+    log(f"report: {written}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
