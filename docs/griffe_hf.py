@@ -40,8 +40,12 @@ def _objects(obj):
 
 
 def _plain_type(text: str) -> str:
-    """``"`int` or `None`, *optional*, defaults to `None`"`` -> ``"int or None"``."""
+    """``"`int` or `None`, *optional*, defaults to `None`"`` -> ``"int or None"``; ``[`~trl.X`]`` -> ``X``.
+
+    The result is read as a Python annotation, which mkdocstrings links by itself where it can.
+    """
     text = re.split(r",\s*\*optional\*|,\s*defaults to", text)[0]
+    text = _HF_REF.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
     return text.replace("`", "").strip() or text
 
 
@@ -81,12 +85,13 @@ class HFDocstrings(griffe.Extension):
             path = self._resolve(obj, target, by_name)
             return f"[`{shown}`][{path}]" if path else f"`{shown}`"
 
-        text = _HF_REF.sub(reference, text)
-        text = _SPHINX_REF.sub(reference, text)
+        # argument types first: a reference inside a type becomes a plain name there, not a link
+        text = _ARG_LINE.sub(lambda m: f"{m.group(1)} ({_plain_type(m.group(2))}):", text)
         text = _SHARED_ARG_LINE.sub(
             lambda m: "\n".join(f"{m.group(1)}{name}:{m.group(3)}" for name in m.group(2).split(", ")), text
         )
-        return _ARG_LINE.sub(lambda m: f"{m.group(1)} ({_plain_type(m.group(2))}):", text)
+        text = _HF_REF.sub(reference, text)
+        return _SPHINX_REF.sub(reference, text)
 
     @staticmethod
     def _resolve(obj, target: str, by_name: dict[str, set[str]]):
