@@ -48,3 +48,47 @@ def load_pipeline(pretrained_model_name_or_path: str, *, revision: str = "main",
         return DefaultDDPOStableDiffusionPipeline(path, pretrained_model_revision=revision, use_lora=use_lora)
     finally:
         trl_logger.setLevel(level)
+
+
+def wrap_pipeline(sd_pipeline, *, use_lora: bool = True):
+    """
+    Wrap a `StableDiffusionPipeline` that is already in memory as a [`~trl.DefaultDDPOStableDiffusionPipeline`],
+    set up as [`load_pipeline`] sets up one loaded from disk (DDIM scheduler, no safety checker, frozen VAE and
+    text encoder, a frozen UNet when training LoRA).
+
+    Useful for pipelines built from configs (random weights, benchmarks) or modified before training, without
+    a round trip through `save_pretrained`.
+    """
+    from diffusers import DDIMScheduler
+    from trl import DefaultDDPOStableDiffusionPipeline
+
+    ensure_accelerate_state()
+    # TRL's constructor only takes a path; build its object around this pipeline instead
+    wrapped = DefaultDDPOStableDiffusionPipeline.__new__(DefaultDDPOStableDiffusionPipeline)
+    wrapped.sd_pipeline = sd_pipeline
+    wrapped.use_lora = use_lora
+    wrapped.pretrained_model = getattr(sd_pipeline, "name_or_path", None)
+    wrapped.pretrained_revision = "main"
+    sd_pipeline.scheduler = DDIMScheduler.from_config(sd_pipeline.scheduler.config)
+    sd_pipeline.safety_checker = None
+    sd_pipeline.vae.requires_grad_(False)
+    sd_pipeline.text_encoder.requires_grad_(False)
+    sd_pipeline.unet.requires_grad_(not use_lora)
+    return wrapped
+
+
+def compile_unet(unet, **compile_kwargs):
+    """
+    Compile `unet` with `torch.compile`, in place (`nn.Module.compile`), and return it.
+
+    In place matters: the module object, its parameter names and its PEFT adapters stay as they were, so LoRA
+    saving and loading, `accelerator.unwrap_model` and DDP wrapping see the same UNet as without compilation.
+    Compilation happens at the first call of each new input shape and mode (no-grad sampling, training), which
+    takes minutes for a Stable Diffusion UNet; it pays off over a long run on a GPU, rarely on a CPU.
+
+    Args:
+        unet (`torch.nn.Module`): The UNet (call after its LoRA adapter has been added).
+        compile_kwargs: Passed to `torch.compile` (e.g. ``mode="max-autotune-no-cudagraphs"``, ``backend=...``).
+    """
+    unet.compile(**compile_kwargs)
+    return unet

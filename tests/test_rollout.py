@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from b2trl.rollout import branch_rollout
@@ -76,3 +77,75 @@ def test_recomputed_log_probs_equal_the_recorded_ones_at_step_zero(tiny_model_di
                 cfg_embeds(sample),
             )
             assert float(approx_kl) < 1e-10 and float(clipfrac) == 0.0
+
+
+def test_one_fused_unet_call_per_step_covers_every_branch(tiny_model_dir):
+    trainer = make_trainer(tiny_model_dir)
+    positive, negative = _embeds(trainer, ["a cat", "a dog"])
+    calls = []
+    handle = trainer.sd_pipeline.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        branch_rollout(trainer.sd_pipeline, positive, negative, num_inference_steps=5, branch_point=2, num_branches=3)
+    finally:
+        handle.remove()
+    # prefix: one call per step over both prompts; interval: one call per step over all 6 branches; CFG doubles
+    assert calls == [2 * 2] * 2 + [2 * 6] * 3
+
+
+def test_compiled_unet_gives_the_same_log_probs_and_saves_the_same_lora(tiny_model_dir, tmp_path):
+    from b2trl.pipeline import compile_unet
+    from helpers import lora_params
+
+    trainer = make_trainer(tiny_model_dir)
+    pipeline, unet = trainer.sd_pipeline, trainer.sd_pipeline.unet
+    positive, negative = _embeds(trainer, ["a cat", "a dog"])
+    # branch point 0 keeps one UNet batch shape for sampling (dynamo compiles once per shape)
+    kwargs = dict(num_inference_steps=3, branch_point=0, num_branches=2, latents=torch.randn(2, 4, 8, 8))
+    eager = branch_rollout(pipeline, positive, negative, generator=torch.Generator().manual_seed(0), **kwargs)
+    names = list(unet.state_dict())
+
+    # the "eager" backend runs dynamo's capture (what meets PEFT, hooks, no-grad and train mode) without
+    # inductor's code generation, which takes minutes on a CPU; benchmarks/cost.py measures inductor itself
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert compile_unet(unet, backend="eager") is unet
+    compiled = branch_rollout(pipeline, positive, negative, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert counters["stats"]["unique_graphs"] > graphs  # the UNet really ran through dynamo
+    torch.testing.assert_close(compiled.log_probs, eager.log_probs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(compiled.images, eager.images, rtol=0, atol=1e-5)
+    # the training path (gradients, train mode) through the trainer's prepared UNet
+    unet.train()
+    embeds = torch.cat([negative.repeat_interleave(2, 0), positive.repeat_interleave(2, 0)])
+    for j in range(3):
+        transition = (eager.latents[:, j], eager.timesteps[:, j], eager.next_latents[:, j])
+        log_prob = trainer.transition_log_prob(*transition, embeds)
+        assert log_prob.requires_grad
+        torch.testing.assert_close(log_prob.detach(), eager.log_probs[:, j], rtol=0, atol=1e-5)
+
+    # compiled in place: same module, same parameter names, so unwrapping and LoRA saving/loading are unchanged
+    assert trainer.accelerator.unwrap_model(trainer.training_unet) is unet
+    assert list(unet.state_dict()) == names
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.01)
+    trained = lora_params(pipeline)
+    trainer.save_pretrained(str(tmp_path / "lora"))
+    fresh = make_trainer(tiny_model_dir)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    loaded = lora_params(fresh.sd_pipeline)
+    assert loaded.keys() == trained.keys()
+    for name in trained:
+        torch.testing.assert_close(loaded[name], trained[name])
+
+
+def test_compile_settings_are_validated():
+    from helpers import small_config
+
+    config = small_config(compile_unet=True, compile_unet_kwargs={"mode": "max-autotune-no-cudagraphs"})
+    assert config.compile_unet and config.train_timesteps_per_forward == 1
+    with pytest.raises(ValueError, match="compile_unet_kwargs has unknown torch.compile arguments \\['speed'\\]"):
+        small_config(compile_unet=True, compile_unet_kwargs={"speed": "max"})
+    with pytest.raises(ValueError, match="train_timesteps_per_forward must be >= 1"):
+        small_config(train_timesteps_per_forward=0)
