@@ -1,0 +1,93 @@
+"""The cost benchmark (benchmarks/cost.py) counts what each method really runs."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cost():
+    spec = importlib.util.spec_from_file_location("cost_benchmark", os.path.join(ROOT, "benchmarks", "cost.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# T = 4 steps, interval L = 2 (branch point 2), 2 prompts x 3 branches = 6 images; DDPO: 3 batches of 2 prompts
+TINY = ["--in-process", "--num-steps", "4", "--interval", "2", "--prompts", "2", "--branches", "3",
+        "--train-batch-size", "2", "--reward", "random"]
+
+
+def test_counts_follow_each_methods_structure(cost, tmp_path):
+    out = tmp_path / "cost.json"
+    report = cost.main(TINY + ["--out", str(out)])
+    b2, ddpo = report["methods"]["b2"], report["methods"]["ddpo"]
+    T, L, B, N, images = 4, 2, 2, 3, 6
+    assert b2["images"] == ddpo["images"] == images
+    # B²: the prefix once per prompt, then all branches as one batch; CFG doubles every row
+    assert b2["unet_rows"]["sampling"] == 2 * (B * (T - L) + B * N * L) == 32
+    # ... in one UNet call per denoising step: no loop over branches, no separate unconditional pass
+    assert b2["unet_calls"]["sampling"] == T
+    # DDPO: every image through every step, batch by batch
+    assert ddpo["unet_rows"]["sampling"] == 2 * images * T == 48
+    assert ddpo["unet_calls"]["sampling"] == (images // B) * T
+    assert b2["vae_decode_rows"] == ddpo["vae_decode_rows"] == images
+    # training: B² trains the kept samples' L interval steps (at most best + worst per group), DDPO all T steps
+    kept = b2["samples_kept"]
+    assert 1 <= kept <= 2 * B
+    assert b2["transitions_trained"] == kept * L
+    assert b2["unet_rows"]["training"] == 2 * kept * L
+    assert ddpo["transitions_trained"] == images * T
+    assert ddpo["unet_rows"]["training"] == 2 * images * T
+    # no UNet work happens outside the measured phases
+    for method in (b2, ddpo):
+        assert method["unet_rows"]["outside"] == 0 and method["unet_rows"]["reward"] == 0
+        assert method["unet_rows"]["step"] == 0  # all of it is charged to sampling or training
+    assert all(check["ok"] for check in report["checks"].values()) and len(report["checks"]) == 4
+
+    # rates and ratios are derived from those counts and the measured times
+    for method in (b2, ddpo):
+        seconds = method["seconds"]
+        assert seconds["sampling"] > 0 and seconds["training"] > 0
+        assert seconds["total"] >= seconds["sampling"] + seconds["training"] - 1e-6
+        assert method["images_per_s"] == pytest.approx(images / seconds["sampling"])
+        assert method["transitions_per_s"] == pytest.approx(method["transitions_trained"] / seconds["training"])
+        assert method["peak_memory_bytes"]["step"] >= method["peak_memory_bytes"]["sampling"] > 0
+    ratios = report["ratios"]
+    assert ratios["unet_rows_sampling"] == pytest.approx(32 / 48)
+    assert ratios["unet_rows_training"] == pytest.approx(2 * kept * L / 48)
+    assert ratios["seconds_total"] == pytest.approx(b2["seconds"]["total"] / ddpo["seconds"]["total"])
+    assert json.loads(out.read_text())["methods"]["b2"]["unet_rows"] == b2["unet_rows"]
+    assert "reference_comparison" not in report  # only for the full-size model on a GPU
+
+
+def test_sd15_shaped_pipeline_has_sd15_sizes_and_its_tiny_variant_runs(cost):
+    with torch.device("meta"):  # the architecture without allocating a billion parameters
+        pipe = cost.build_sd15_random()
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert count(pipe.unet) == 859_520_964  # Stable Diffusion 1.5's UNet
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 768
+    assert pipe.tokenizer.model_max_length == 77 and pipe.unet.config.sample_size == 64
+
+    args = ["--sd15-random", "--tiny-width", "--resolution", "64", "--methods", "plain", "--plain-batch-size", "4"]
+    report = cost.main(TINY + args)
+    plain = report["methods"]["plain"]
+    assert plain["images"] == 8  # two batches of 4 cover the 6 images
+    assert plain["unet_rows"]["sampling"] == 2 * 8 * 4 and plain["vae_decode_rows"] == 8
+
+
+def test_stacking_interval_steps_keeps_the_gradient(cost):
+    report = cost.main(TINY + ["--methods", "--optimisations", "stacking", "--opt-repeats", "1"])
+    stacking = report["optimisations"]["stacking"]
+    assert set(stacking["speedup_vs_k1"]) == {"k=1", "k=2"}
+    assert stacking["speedup_vs_k1"]["k=1"] == 1.0
+    # one UNet call over 2 interval steps gives the gradient of two calls, up to float32 rounding
+    assert stacking["gradient_max_relative_difference_vs_k1"]["k=2"] < 1e-4
