@@ -104,6 +104,8 @@ def parse_args(argv):
     run.add_argument("--plain-batch-size", type=int, default=8)
     run.add_argument("--train-batch-size", type=int, default=4, help="training micro-batch (both methods)")
     run.add_argument("--inner-epochs", type=int, default=1, help="training passes over the samples (both methods)")
+    run.add_argument("--timesteps-per-forward", type=int, default=1,
+                     help="B²'s train_timesteps_per_forward: interval steps stacked into one training UNet call")
     run.add_argument("--guidance-scale", type=float, default=5.0)
     run.add_argument("--reward", choices=["auto", "toy_alignment", "brightness", "random"], default="auto",
                      help="auto: toy_alignment on the toy model, random (seeded scores) with --sd15-random")
@@ -255,6 +257,7 @@ def build_b2_trainer(args, logdir):
         train_batch_size=args.train_batch_size,
         train_gradient_accumulation_steps=1,
         train_num_inner_epochs=args.inner_epochs,
+        train_timesteps_per_forward=args.timesteps_per_forward,
         interval_schedule=IntervalSchedule(initial_length=args.interval, milestones=[]),  # L stays fixed
         mixed_precision=args.mixed_precision,
         save_freq=0,
