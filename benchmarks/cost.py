@@ -639,9 +639,15 @@ def run_optimisations(args) -> dict:
 
     sections = args.optimisations
     if "stacking" in sections:
-        ks = sorted({k for k in (1, 2, 4, length) if k <= length})
-        baseline = gradient(1)
-        stacking = _median_times({f"k={k}": train_call(k) for k in ks}, args.opt_repeats, cuda)
+        grads, out_of_memory = {}, []
+        for k in sorted({k for k in (1, 2, 4, length) if k <= length}):
+            try:  # more steps per call means more activation memory; a GPU may not hold all of them
+                grads[k] = gradient(k)
+            except torch.cuda.OutOfMemoryError:
+                unet.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                out_of_memory.append(k)
+        stacking = _median_times({f"k={k}": train_call(k) for k in grads}, args.opt_repeats, cuda)
         results["stacking"] = {
             "train_batch_size": tb,
             "interval_length": length,
@@ -649,8 +655,9 @@ def run_optimisations(args) -> dict:
             "transitions_per_s": {name: tb * length / s for name, s in stacking.items()},
             "speedup_vs_k1": {name: stacking["k=1"] / s for name, s in stacking.items()},
             "gradient_max_relative_difference_vs_k1": {
-                f"k={k}": relative_difference(baseline, gradient(k)) for k in ks
+                f"k={k}": relative_difference(grads[1], g) for k, g in grads.items()
             },
+            "out_of_memory": out_of_memory,
         }
     if "sdpa" in sections:  # diffusers' default processor vs the classic bmm-softmax one
         classic = (lambda: unet.set_attn_processor(AttnProcessor()),
@@ -822,6 +829,8 @@ def print_optimisations(opt: dict) -> None:
     for name, speedup in stack.get("speedup_vs_k1", {}).items():
         print(f"  training, {name} interval steps per UNet call: {speedup:.2f}x transitions/s of k=1 "
               f"(gradient rel. diff {stack['gradient_max_relative_difference_vs_k1'][name]:.1e})")
+    if stack.get("out_of_memory"):
+        print(f"  training, k={stack['out_of_memory']} interval steps per UNet call: out of memory")
     for key, label in (("sdpa", "SDPA vs classic attention"), ("channels_last", "channels-last vs contiguous"),
                        ("compile", "torch.compile vs eager")):
         if key in opt:
@@ -842,10 +851,14 @@ def reference_comparison(report: dict) -> list:
 
     if "plain" in methods:
         add("plain diffusers images/s", methods["plain"]["images_per_s"], REFERENCE_H100["plain_images_per_s"])
+        add("plain diffusers peak memory GiB", (methods["plain"]["peak_memory_bytes"]["step"] or 0) / 2**30,
+            REFERENCE_H100["peak_memory_gb_plain"])
     if "ddpo" in methods:
         add("TRL DDPO sampling images/s", methods["ddpo"]["images_per_s"], REFERENCE_H100["ddpo_sampling_images_per_s"])
         add("TRL DDPO training transitions/s", methods["ddpo"]["transitions_per_s"],
             REFERENCE_H100["ddpo_training_transitions_per_s"])
+        add("TRL DDPO epoch seconds per image", methods["ddpo"]["seconds_per_image"],
+            REFERENCE_H100["ddpo_epoch_16_images_s"] / 16)
         add("TRL DDPO peak memory GiB", (methods["ddpo"]["peak_memory_bytes"]["step"] or 0) / 2**30,
             REFERENCE_H100["peak_memory_gb_ddpo_epoch"])
     if "b2" in methods:
