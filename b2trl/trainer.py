@@ -116,6 +116,11 @@ class B2DiffuRLTrainer(DDPOTrainer):
             # train through the prepared module so that DDP sees the forward and all-reduces gradients
             self.training_unet, self.optimizer = self.accelerator.prepare(trainable, optimizer)
             self.trainable_params = [p for p in self.training_unet.parameters() if p.requires_grad]
+        if config.compile_unet:
+            from .pipeline import compile_unet
+
+            # in place, after the LoRA adapter exists: the prepared (possibly DDP-wrapped) module is unchanged
+            compile_unet(self.sd_pipeline.unet, **config.compile_unet_kwargs)
         self.executor = futures.ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
         self.history = PromptRewardHistory(config.history_stages)
         self.first_epoch = 0
@@ -487,25 +492,29 @@ class B2DiffuRLTrainer(DDPOTrainer):
                 window_rows = sum(b.stop - b.start for b in window)
                 for b_index, batch in enumerate(window):
                     sample = {k: v[batch] for k, v in shuffled.items()}
-                    embeds = (
-                        torch.cat([sample["negative_prompt_embeds"], sample["prompt_embeds"]])
-                        if config.train_cfg
-                        else sample["prompt_embeds"]
-                    )
                     weight = (batch.stop - batch.start) / (window_rows * num_timesteps)
-                    for j in range(num_timesteps):
-                        last = b_index == len(window) - 1 and j == num_timesteps - 1
+                    # several interval steps of the micro-batch go through the UNet as one batch: the same gradient
+                    # in fewer, larger calls (rows are sample-major: sample i's steps are rows i*k .. i*k + k - 1)
+                    for step_start in range(0, num_timesteps, config.train_timesteps_per_forward):
+                        steps = slice(step_start, min(step_start + config.train_timesteps_per_forward, num_timesteps))
+                        k = steps.stop - steps.start
+                        embeds = sample["prompt_embeds"].repeat_interleave(k, dim=0)
+                        if config.train_cfg:
+                            negative = sample["negative_prompt_embeds"].repeat_interleave(k, dim=0)
+                            embeds = torch.cat([negative, embeds])
+                        last = b_index == len(window) - 1 and steps.stop == num_timesteps
                         sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.training_unet)
                         with sync:
                             loss, approx_kl, clipfrac = self.calculate_loss(
-                                sample["latents"][:, j],
-                                sample["timesteps"][:, j],
-                                sample["next_latents"][:, j],
-                                sample["log_probs"][:, j],
-                                sample["advantages"],
+                                sample["latents"][:, steps].flatten(0, 1),
+                                sample["timesteps"][:, steps].flatten(0, 1),
+                                sample["next_latents"][:, steps].flatten(0, 1),
+                                sample["log_probs"][:, steps].flatten(0, 1),
+                                sample["advantages"].repeat_interleave(k),
                                 embeds,
                             )
-                            self.accelerator.backward(loss * weight)
+                            # the loss is a mean over k steps' rows: it stands for k single-step losses
+                            self.accelerator.backward(loss * weight * k)
                         info["loss"].append(loss.detach())
                         info["approx_kl"].append(approx_kl.detach())
                         info["clipfrac"].append(clipfrac.detach())

@@ -152,3 +152,29 @@ def test_failing_prompt_and_reward_functions_are_named(tiny_model_dir):
             trainer.step(0, 0)
     with pytest.raises(RuntimeError, match="reward_function .*broken_reward raised at stage 0.*scorer crashed"):
         make_trainer(tiny_model_dir, reward=broken_reward).step(0, 0)
+
+
+def _one_stage_with_grad_calls(model_dir, **overrides):
+    trainer = make_trainer(model_dir, interval_schedule={"initial_length": 3, "num_stages": 4}, **overrides)
+    calls = []
+
+    def record(module, args):
+        if torch.is_grad_enabled():
+            calls.append(args[0].shape[0])
+
+    handle = trainer.sd_pipeline.unet.register_forward_pre_hook(record)
+    try:
+        torch.manual_seed(0)
+        trainer.step(0, 0)
+    finally:
+        handle.remove()
+    return lora_params(trainer.sd_pipeline), calls
+
+
+def test_stacking_interval_steps_gives_the_same_update_in_fewer_calls(tiny_model_dir):
+    one, calls_one = _one_stage_with_grad_calls(tiny_model_dir, train_timesteps_per_forward=1)
+    three, calls_three = _one_stage_with_grad_calls(tiny_model_dir, train_timesteps_per_forward=3)
+    assert max(float(v.abs().max()) for n, v in one.items() if "lora_B" in n) > 0  # the stage did train
+    assert max_change(one, three) < 1e-6
+    assert len(calls_one) == 3 * len(calls_three) > 0  # interval of 3 steps: one call instead of three
+    assert sum(calls_one) == sum(calls_three)  # the same rows in total
