@@ -38,7 +38,10 @@ class B2DiffuRLConfig(DDPOConfig):
         selection_threshold_worst (`float`, *optional*, defaults to `-0.5`):
             The worst branch of a group is trained on if its z-score is below this.
         selection_rule (`str`, *optional*, defaults to `"best_worst"`):
-            `"best_worst"` (the method) or `"all"` (train on every branch, DDPO-style; an ablation).
+            `"best_worst"` (the method), `"pairs"` (a group's best and worst branches together when their z-scores
+            differ by at least `selection_threshold_best - selection_threshold_worst`, with advantages of +-half the
+            difference, so each group's advantages sum to zero), or `"all"` (train on every branch, DDPO-style; an
+            ablation).
         history_stages (`int`, *optional*, defaults to `8`):
             Previous stages whose rewards are pooled with the current stage's for the per-prompt z-score.
         interval_schedule (`IntervalSchedule`, *optional*):
@@ -70,7 +73,8 @@ class B2DiffuRLConfig(DDPOConfig):
     selection_rule: str = field(
         default="best_worst",
         metadata={
-            "help": "'best_worst' (B²-DiffuRL) or 'all' (train on every branch; an ablation).",
+            "help": "'best_worst' (B²-DiffuRL), 'pairs' (best and worst of a group together, zero-sum advantages: "
+            "for skewed rewards) or 'all' (train on every branch; an ablation).",
             "choices": list(SELECTION_RULES),
         },
     )

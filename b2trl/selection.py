@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-SELECTION_RULES = ("best_worst", "all")
+SELECTION_RULES = ("best_worst", "pairs", "all")
 
 
 class PromptRewardHistory:
@@ -99,10 +99,56 @@ def select_best_worst(z: np.ndarray, threshold_best: float, threshold_worst: flo
     return keep
 
 
+def select_pairs(z: np.ndarray, min_gap: float) -> np.ndarray:
+    """
+    Keep each group's best *and* worst branch together, if their z-scores differ by at least `min_gap`.
+
+    Unlike [`select_best_worst`], a group contributes a pair or nothing, so the kept samples can be given
+    advantages that sum to zero per group (see [`pair_advantages`]).
+
+    Returns:
+        A boolean mask of the ``(groups, branches)`` shape of `z`.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"z must have shape (groups, branches), got {z.shape}.")
+    keep = np.zeros(z.shape, dtype=bool)
+    rows = np.arange(z.shape[0])
+    missing = np.isnan(z)
+    best = np.where(missing, -np.inf, z).argmax(axis=1)
+    worst = np.where(missing, np.inf, z).argmin(axis=1)
+    gap = z[rows, best] - z[rows, worst]  # NaN when a group has no valid sample
+    paired = (gap >= min_gap) & (best != worst)
+    keep[rows[paired], best[paired]] = True
+    keep[rows[paired], worst[paired]] = True
+    return keep
+
+
+def pair_advantages(z: np.ndarray, keep: np.ndarray, clip: float) -> np.ndarray:
+    """
+    Advantages for [`select_pairs`]: the kept best branch gets ``+gap/2`` and the kept worst ``-gap/2``, where
+    ``gap`` is their z-score difference, clipped to ``[-clip, clip]``; every other sample gets 0.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    adv = np.zeros(z.shape)
+    for g in np.flatnonzero(keep.any(axis=1)):
+        members = np.flatnonzero(keep[g])
+        hi, lo = members[np.argmax(z[g, members])], members[np.argmin(z[g, members])]
+        half = min((z[g, hi] - z[g, lo]) / 2, clip)
+        adv[g, hi], adv[g, lo] = half, -half
+    return adv
+
+
 def select(z: np.ndarray, rule: str, threshold_best: float, threshold_worst: float) -> np.ndarray:
-    """Apply a selection `rule` (``"best_worst"`` or ``"all"``) to ``(groups, branches)`` z-scores."""
+    """Apply a selection `rule` (one of `SELECTION_RULES`) to ``(groups, branches)`` z-scores.
+
+    ``"pairs"`` keeps a group's best and worst branches when their z-scores differ by at least
+    ``threshold_best - threshold_worst``.
+    """
     if rule == "best_worst":
         return select_best_worst(z, threshold_best, threshold_worst)
+    if rule == "pairs":
+        return select_pairs(z, threshold_best - threshold_worst)
     if rule == "all":
         return ~np.isnan(np.asarray(z, dtype=np.float64))
     raise ValueError(f"selection_rule must be one of {SELECTION_RULES}, got {rule!r}.")
@@ -111,3 +157,10 @@ def select(z: np.ndarray, rule: str, threshold_best: float, threshold_worst: flo
 def advantages_from_z(z: np.ndarray, clip: float) -> np.ndarray:
     """Advantage of a kept sample: its z-score clipped to ``[-clip, clip]`` (0 for a NaN z)."""
     return np.clip(np.nan_to_num(np.asarray(z, dtype=np.float64), nan=0.0), -clip, clip)
+
+
+def stage_advantages(z: np.ndarray, keep: np.ndarray, rule: str, clip: float) -> np.ndarray:
+    """Advantages of a stage's samples (``(groups, branches)`` arrays), as the selection `rule` defines them."""
+    if rule == "pairs":
+        return pair_advantages(z, keep, clip)
+    return advantages_from_z(z, clip)

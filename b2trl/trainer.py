@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from .config import B2DiffuRLConfig
 from .pipeline import ensure_accelerate_state
 from .rollout import branch_rollout, guided_noise_prediction
-from .selection import PromptRewardHistory, advantages_from_z, select
+from .selection import PromptRewardHistory, select, stage_advantages
 
 logger = logging.get_logger(__name__)
 
@@ -296,15 +296,20 @@ class B2DiffuRLTrainer(DDPOTrainer):
             config.selection_threshold_best,
             config.selection_threshold_worst,
         )
+        advantages = stage_advantages(z.reshape(keep.shape), keep, config.selection_rule, config.train_adv_clip_max)
         samples["advantages"] = torch.as_tensor(
-            advantages_from_z(z, config.train_adv_clip_max), dtype=torch.float32, device=self.accelerator.device
+            advantages.reshape(-1), dtype=torch.float32, device=self.accelerator.device
         )
         self.last_local_kept = int(keep.sum())
-        # how many kept samples are pushed up vs down: a run whose kept samples all push down is degrading
-        kept_z = z.reshape(keep.shape)[keep]
+        # how kept samples are pushed up vs down: when the advantages sum far below zero, the update mostly pushes
+        # likelihoods down, which degrades a model faster than the positive samples teach it
+        kept_adv = advantages[keep]
         signs = self.accelerator.gather(
-            torch.tensor([int((kept_z > 0).sum()), int((kept_z < 0).sum())], device=self.accelerator.device)
-        ).reshape(-1, 2).sum(0)
+            torch.tensor(
+                [float((kept_adv > 0).sum()), float((kept_adv < 0).sum()), float(kept_adv.sum())],
+                device=self.accelerator.device,
+            )
+        ).reshape(-1, 3).sum(0)
         kept_counts = self.accelerator.gather(
             torch.tensor([int(keep.sum())], device=self.accelerator.device)
         ).cpu()
@@ -322,6 +327,7 @@ class B2DiffuRLTrainer(DDPOTrainer):
             "samples_total": int(all_rewards.size),
             "samples_kept_positive": int(signs[0]),
             "samples_kept_negative": int(signs[1]),
+            "kept_advantage_sum": float(signs[2]),
         }
         stats.update(self._reward_components(rewards_metadata))
 

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from b2trl.selection import PromptRewardHistory, advantages_from_z, select, select_best_worst
+from b2trl.selection import (
+    PromptRewardHistory,
+    advantages_from_z,
+    select,
+    select_best_worst,
+    stage_advantages,
+)
 from b2trl.trainer import pad_rows
 
 
@@ -83,3 +89,35 @@ def test_history_ignores_nan_rewards():
     z = history.update(["p", "p", "p"], [1.0, np.nan, 3.0])
     assert np.isnan(z[1]) and np.allclose(z[[0, 2]], [-1.0, 1.0])
     assert history.stats()["p"][2] == 2
+
+
+def test_pairs_keep_best_and_worst_together_with_zero_sum_advantages():
+    z = np.array(
+        [
+            [0.3, 0.0, -2.5, 0.1],  # gap 2.8 >= 1: a pair, although best alone (0.3) would fail best_worst
+            [0.4, 0.0, -0.2, 0.1],  # gap 0.6 < 1: dropped
+            [0.5, np.nan, -0.5, 0.2],  # gap exactly 1.0: kept; the NaN sample never is
+            [12.0, 1.0, -0.5, 0.3],  # gap 12.5: advantages clipped to +-5
+            [np.nan, np.nan, np.nan, np.nan],  # nothing valid: nothing kept
+        ]
+    )
+    keep = select(z, "pairs", 0.5, -0.5)
+    expected = np.zeros_like(keep)
+    expected[0, [0, 2]] = expected[2, [0, 2]] = expected[3, [0, 2]] = True
+    np.testing.assert_array_equal(keep, expected)
+    adv = stage_advantages(z, keep, "pairs", clip=5.0)
+    np.testing.assert_allclose(adv[0], [1.4, 0.0, -1.4, 0.0])
+    np.testing.assert_allclose(adv[2], [0.5, 0.0, -0.5, 0.0])
+    np.testing.assert_allclose(adv[3], [5.0, 0.0, -5.0, 0.0])
+    np.testing.assert_allclose(adv.sum(axis=1), 0.0, atol=1e-12)
+    assert not adv[~keep].any()
+
+
+def test_best_worst_advantages_are_the_z_scores_and_can_be_one_sided():
+    # skewed rewards: one bad branch has a large negative z, the good ones sit below +0.5; best_worst keeps only
+    # the bad one, so the stage pushes down only (what "pairs" is there to avoid)
+    z = np.array([[0.3, 0.3, 0.3, -2.5]])
+    keep = select(z, "best_worst", 0.5, -0.5)
+    adv = stage_advantages(z, keep, "best_worst", clip=5.0)
+    assert keep.sum() == 1 and adv[keep].sum() < 0
+    assert select(z, "pairs", 0.5, -0.5).sum() == 2
