@@ -62,7 +62,11 @@ class B2DiffuRLConfig(DDPOConfig):
     """
 
     num_branches: int = field(
-        default=5, metadata={"help": "Branches sampled from each prompt's shared prefix (one group per prompt)."}
+        default=5,
+        metadata={
+            "help": "Branches sampled from each prompt's shared prefix (one group per prompt); 1 only with "
+            "selection_rule='all' (no branching, an ablation)."
+        },
     )
     selection_threshold_best: float = field(
         default=0.5, metadata={"help": "Keep a group's best branch if its per-prompt z-score is >= this."}
@@ -174,7 +178,12 @@ class B2DiffuRLConfig(DDPOConfig):
             positive(name)
         positive("num_epochs", 0)
         positive("history_stages", 0)
-        positive("num_branches", 2)
+        positive("num_branches", 1)
+        if self.num_branches == 1 and self.selection_rule != "all":
+            errors.append(
+                f"num_branches=1 works only with selection_rule='all' (got {self.selection_rule!r}): a group of one "
+                "branch has no best and worst to compare. Use num_branches >= 2 for B²-DiffuRL."
+            )
         if self.rollout_chunk_size is not None:
             positive("rollout_chunk_size")
         positive("train_timesteps_per_forward")

@@ -297,17 +297,8 @@ def _reset_accelerate():
 def b2_config(values: dict):
     from b2trl import B2DiffuRLConfig, IntervalSchedule
 
-    cls = B2DiffuRLConfig
-    if values.get("num_branches") == 1:
-        # B2DiffuRLConfig asks for >= 2 branches (a group needs two to compare); the rollout and the "all"
-        # selection work with one, which is exactly the no-branching ablation
-        class SingleBranchConfig(B2DiffuRLConfig):
-            def validation_errors(self):
-                return [e for e in super().validation_errors() if not e.startswith("num_branches")]
-
-        cls = SingleBranchConfig
     schedule = IntervalSchedule(**values.pop("interval_schedule", {}))
-    return cls(**values, interval_schedule=schedule)
+    return B2DiffuRLConfig(**values, interval_schedule=schedule)
 
 
 def build_trainer(method_settings: dict, seed: int, num_stages: int, workdir: str):

@@ -31,6 +31,13 @@ def test_every_problem_is_reported_with_its_field():
         assert field in message
 
 
+def test_one_branch_needs_the_all_rule():
+    assert B2DiffuRLConfig(num_branches=1, selection_rule="all").num_branches == 1
+    for rule in ("best_worst", "pairs"):
+        with pytest.raises(ValueError, match="num_branches=1 works only with selection_rule='all'"):
+            B2DiffuRLConfig(num_branches=1, selection_rule=rule)
+
+
 def test_schedule_may_be_given_as_a_dict():
     config = B2DiffuRLConfig(interval_schedule={"initial_length": 3, "num_stages": 7})
     assert config.interval_schedule == IntervalSchedule(initial_length=3, num_stages=7)
