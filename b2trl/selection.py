@@ -75,6 +75,17 @@ class PromptRewardHistory:
         }
 
 
+def _best_and_worst(z):
+    """`z` as a float array, its group indices, and each group's best and worst branch (NaN never wins)."""
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"z must have shape (groups, branches), got {z.shape}.")
+    missing = np.isnan(z)
+    best = np.where(missing, -np.inf, z).argmax(axis=1)
+    worst = np.where(missing, np.inf, z).argmin(axis=1)
+    return z, np.arange(z.shape[0]), best, worst
+
+
 def select_best_worst(z: np.ndarray, threshold_best: float, threshold_worst: float) -> np.ndarray:
     """
     The B²-DiffuRL selection rule on a ``(groups, branches)`` array of z-scores.
@@ -86,14 +97,8 @@ def select_best_worst(z: np.ndarray, threshold_best: float, threshold_worst: flo
     Returns:
         A boolean mask of the same shape: `True` for kept samples.
     """
-    z = np.asarray(z, dtype=np.float64)
-    if z.ndim != 2:
-        raise ValueError(f"z must have shape (groups, branches), got {z.shape}.")
+    z, rows, best, worst = _best_and_worst(z)
     keep = np.zeros(z.shape, dtype=bool)
-    rows = np.arange(z.shape[0])
-    missing = np.isnan(z)
-    best = np.where(missing, -np.inf, z).argmax(axis=1)
-    worst = np.where(missing, np.inf, z).argmin(axis=1)
     keep[rows, best] = z[rows, best] >= threshold_best  # False for NaN
     keep[rows, worst] |= z[rows, worst] < threshold_worst
     return keep
@@ -109,14 +114,8 @@ def select_pairs(z: np.ndarray, min_gap: float) -> np.ndarray:
     Returns:
         A boolean mask of the ``(groups, branches)`` shape of `z`.
     """
-    z = np.asarray(z, dtype=np.float64)
-    if z.ndim != 2:
-        raise ValueError(f"z must have shape (groups, branches), got {z.shape}.")
+    z, rows, best, worst = _best_and_worst(z)
     keep = np.zeros(z.shape, dtype=bool)
-    rows = np.arange(z.shape[0])
-    missing = np.isnan(z)
-    best = np.where(missing, -np.inf, z).argmax(axis=1)
-    worst = np.where(missing, np.inf, z).argmin(axis=1)
     gap = z[rows, best] - z[rows, worst]  # NaN when a group has no valid sample
     paired = (gap >= min_gap) & (best != worst)
     keep[rows[paired], best[paired]] = True

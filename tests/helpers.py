@@ -1,6 +1,8 @@
-"""Shared builders for trainer tests: small configs, prompt and reward functions."""
+"""Shared builders for trainer tests: small configs, prompt and reward functions, script loading."""
 
+import importlib.util
 import itertools
+import sys
 
 import torch
 
@@ -61,3 +63,13 @@ def make_trainer(model_dir, reward=brightness_reward, hook=None, use_lora=True, 
 
 def cfg_embeds(sample):
     return torch.cat([sample["negative_prompt_embeds"], sample["prompt_embeds"]])
+
+
+def load_script(path, name: str):
+    """Import a script (an example or a benchmark) as module `name`; registered in sys.modules so that its
+    dataclasses resolve their annotations."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

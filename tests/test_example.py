@@ -2,22 +2,19 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 from diffusers import StableDiffusionPipeline
+
+from helpers import load_script
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_sd.py"
 
 
 @pytest.fixture(scope="module")
 def train_sd():
-    spec = importlib.util.spec_from_file_location("train_sd", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_sd"] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "train_sd")
 
 
 TINY_RUN = [

@@ -1,23 +1,19 @@
 """benchmarks/gradient_snr.py: one stage's policy gradient is reproducible from its seed, and the report's
 cosines are between independent stages."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gradient_snr.py"
 
 
 @pytest.fixture(scope="module")
 def snr():
-    spec = importlib.util.spec_from_file_location("gradient_snr", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gradient_snr"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "gradient_snr")
 
 
 def test_a_stage_gradient_depends_only_on_its_seed(snr):

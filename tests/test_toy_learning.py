@@ -1,19 +1,16 @@
 """The README's main job, as shipped (toy preset, training seed 0, evaluation seeds 0-2): B²-DiffuRL raises the
 toy model's held-out alignment. About 1.5 minutes on one CPU thread."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
+
+from helpers import load_script
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_sd.py"
 
 
 def test_main_job_raises_held_out_alignment(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_sd_learning", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_sd_learning"] = module
-    spec.loader.exec_module(module)
+    module = load_script(EXAMPLE, "train_sd_learning")
 
     out = tmp_path / "run"
     module.main(["--output_dir", str(out)])  # no training flags: the toy preset

@@ -1,12 +1,12 @@
 """benchmarks/toy_study.py: the --quick study end to end (equal budgets, resuming, the report), its settings
 overrides, and the report's computed facts on synthetic runs."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "toy_study.py"
@@ -14,11 +14,7 @@ SCRIPT = REPO / "benchmarks" / "toy_study.py"
 
 @pytest.fixture(scope="module")
 def toy_study():
-    spec = importlib.util.spec_from_file_location("toy_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["toy_study"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "toy_study")
 
 
 @pytest.fixture(scope="module")
