@@ -20,6 +20,8 @@ DESCRIPTIONS = {
     "b2": "B²-DiffuRL (`B2DiffuRLTrainer`): branch groups, best/worst selection, backward progressive interval",
     "ddpo": "plain TRL `DDPOTrainer` (trl 0.23.1): independent trajectories, per-prompt stat tracking, "
             "every timestep trained",
+    "b2_pairs": "B² with `selection_rule=\"pairs\"`: a group's best and worst branch together, zero-sum "
+                "advantages",
     "b2_no_schedule": "B² training the whole trajectory from stage 0 (branches fork at step 0)",
     "b2_no_branching": "B² with one branch per prompt: every sample trained with its per-prompt z-score",
 }
