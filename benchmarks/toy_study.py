@@ -8,6 +8,7 @@ Every (method, seed) run samples the same number of images and evaluates held-ou
 - `ddpo`: plain `trl.DDPOTrainer` (trl 0.23.1) with per-prompt stat tracking and every timestep trained;
 - `b2_no_schedule`: B² training the whole trajectory from stage 0 (no backward progressive schedule);
 - `b2_no_branching`: B² with one branch per prompt (no groups), every sample trained with its per-prompt z-score.
+- `b2_all`: B² without selection (every branch trained with its per-prompt z-score; branching kept).
 - `b2_pairs`: B² with `selection_rule="pairs"` (best and worst branch of a group together, zero-sum advantages).
 
 All settings are in `SETTINGS` at the top of this script; `--set BLOCK.KEY=VALUE` (repeatable) and
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_study_report as report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("b2", "b2_pairs", "ddpo", "b2_no_schedule", "b2_no_branching")
+METHODS = ("b2", "b2_pairs", "b2_all", "ddpo", "b2_no_schedule", "b2_no_branching")
 
 # ------------------------------------------------------------------------------------------------ settings
 # Everything that defines the study and its methods. A method's configuration is resolved as
@@ -105,6 +106,8 @@ SETTINGS = {
     },
     # B² with the "pairs" selection rule: a group's best and worst branches together, zero-sum advantages
     "b2_pairs": {"base": "b2", "selection_rule": "pairs"},
+    # B² without selection: branch groups and the schedule, every branch trained with its per-prompt z-score
+    "b2_all": {"base": "b2", "selection_rule": "all"},
     # the whole trajectory from stage 0: branches fork at step 0 (they share only the initial noise)
     "b2_no_schedule": {"base": "b2", "interval_schedule": {"initial_length": "T"}},
     # one branch per prompt: plain trajectories, all trained with their per-prompt z-score (same interval
