@@ -4,10 +4,11 @@ Every (method, seed) run samples the same number of images and evaluates held-ou
 (`b2trl.toy.evaluate_alignment` on `toy.heldout_prompts()`, fixed evaluation seeds) before training and every
 `eval_every_images` sampled images. Methods:
 
-- `b2`: B²-DiffuRL (`B2DiffuRLTrainer`), starting from the toy preset of `examples/train_sd.py`;
+- `b2`: B²-DiffuRL (`B2DiffuRLTrainer`), 16 prompts × 4 branches per stage;
 - `ddpo`: plain `trl.DDPOTrainer` (trl 0.23.1) with per-prompt stat tracking and every timestep trained;
 - `b2_no_schedule`: B² training the whole trajectory from stage 0 (no backward progressive schedule);
 - `b2_no_branching`: B² with one branch per prompt (no groups), every sample trained with its per-prompt z-score.
+- `b2_n2`: B² with 32 prompts × 2 branches per stage instead of 16 × 4 (the toy preset of `examples/train_sd.py`).
 - `b2_all`: B² without selection (every branch trained with its per-prompt z-score; branching kept).
 - `b2_pairs`: B² with `selection_rule="pairs"` (best and worst branch of a group together, zero-sum advantages).
 
@@ -50,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_study_report as report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("b2", "b2_pairs", "b2_all", "ddpo", "b2_no_schedule", "b2_no_branching")
+METHODS = ("b2", "b2_n2", "b2_pairs", "b2_all", "ddpo", "b2_no_schedule", "b2_no_branching")
 
 # ------------------------------------------------------------------------------------------------ settings
 # Everything that defines the study and its methods. A method's configuration is resolved as
@@ -81,7 +82,7 @@ SETTINGS = {
         "train_num_inner_epochs": 2,
         "mixed_precision": "no",
     },
-    # the toy preset of examples/train_sd.py: 16 prompts x 4 branches = 64 images per stage
+    # B² at 16 prompts x 4 branches = 64 images per stage (the other B² methods start from this block)
     "b2": {
         "trainer": "b2",
         "sample_batch_size": 16,
@@ -106,6 +107,9 @@ SETTINGS = {
     },
     # B² with the "pairs" selection rule: a group's best and worst branches together, zero-sum advantages
     "b2_pairs": {"base": "b2", "selection_rule": "pairs"},
+    # B² with more, smaller groups: 32 prompts x 2 branches (same 64 images per stage): examples/train_sd.py's
+    # toy preset
+    "b2_n2": {"base": "b2", "sample_batch_size": 32, "num_branches": 2},
     # B² without selection: branch groups and the schedule, every branch trained with its per-prompt z-score
     "b2_all": {"base": "b2", "selection_rule": "all"},
     # the whole trajectory from stage 0: branches fork at step 0 (they share only the initial noise)
@@ -121,6 +125,7 @@ QUICK = {
     "shared": {"train_batch_size": 2},
     "b2": {"sample_batch_size": 2, "num_branches": 2, "interval_schedule": {"num_stages": 2}},
     "ddpo": {"sample_batch_size": 4},
+    "b2_n2": {"sample_batch_size": 2},
     "b2_no_branching": {"sample_batch_size": 4},
 }
 

@@ -22,6 +22,7 @@ DESCRIPTIONS = {
             "every timestep trained",
     "b2_pairs": "B² with `selection_rule=\"pairs\"`: a group's best and worst branch together, zero-sum "
                 "advantages",
+    "b2_n2": "B²-DiffuRL with more, smaller groups: 32 prompts × 2 branches per stage (the toy preset)",
     "b2_all": "B² without selection: branch groups and schedule kept, every branch trained with its z-score",
     "b2_no_schedule": "B² training the whole trajectory from stage 0 (branches fork at step 0)",
     "b2_no_branching": "B² with one branch per prompt: every sample trained with its per-prompt z-score",

@@ -1,9 +1,9 @@
-"""The README's main job as shipped (toy preset, no flags): it runs one pass of the backward schedule, saves a
-LoRA that changes the samples, and scores base and trained pipelines on exactly the same held-out images' noise.
-About 1.5 minutes on one CPU thread.
+"""The README's main job as shipped (toy preset, no flags, training seed 0): one pass of the backward schedule
+raises held-out alignment, scored on exactly the same held-out noise before and after. About 1.5 minutes on one
+CPU thread.
 
-Whether the trained score is above the base score depends on the training seed at this budget (the study in
-docs/study.md has three seeds), so this test checks the job, not a gain."""
+The margin depends on the training seed (seeds 0 / 1 / 2 of this preset: +0.031 / +0.018 / +0.004 in
+docs/study.md, `b2_n2`), so the test asks for a gain, not for seed 0's size of it."""
 
 import json
 from pathlib import Path
@@ -13,7 +13,7 @@ from helpers import load_script
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_sd.py"
 
 
-def test_main_job_trains_one_schedule_pass_and_scores_paired_samples(tmp_path):
+def test_main_job_raises_held_out_alignment(tmp_path):
     module = load_script(EXAMPLE, "train_sd_main_job")
     out = tmp_path / "run"
     module.main(["--output_dir", str(out)])  # no training flags: the toy preset
@@ -22,8 +22,9 @@ def test_main_job_trains_one_schedule_pass_and_scores_paired_samples(tmp_path):
     # the same 45 held-out prompts and the same starting noise before and after
     assert trained["num_images"] == base["num_images"] == 45 * 3
     assert base["per_prompt"].keys() == trained["per_prompt"].keys()
-    # the LoRA was trained and loaded: some samples, drawn from the same noise, now score differently
-    assert any(base["per_prompt"][p] != trained["per_prompt"][p] for p in base["per_prompt"])
+    assert trained["overall"] > base["overall"], (base["overall"], trained["overall"])
+    # what it fixes is drawing (squares read as circles, stray specks of another colour), not the relation
+    assert trained["per_attribute"]["shape_b"] > base["per_attribute"]["shape_b"]
     stages = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s["interval_length"] for s in stages][::3] == [14, 16, 18, 20]  # one pass: 14 of 20 steps .. all 20
     assert all(s["samples_kept"] > 0 for s in stages)
