@@ -53,6 +53,8 @@ from collections import Counter
 
 import torch
 
+from b2trl.prompts import ANIMAL_ACTIVITY_PROMPTS
+
 # Figures measured on one NVIDIA H100 80GB (SD1.5 shape, random weights, 512 px, 20 DDIM steps, eta 1.0,
 # guidance 5.0, fp16, batch 8, LoRA r4), and what b2trl should reach on the same card.
 REFERENCE_H100 = {
@@ -68,14 +70,6 @@ TARGETS_H100 = {
     "b2_training_transitions_per_s": 72.0,
     "stage_cost_per_image_vs_ddpo": 1 / 3,
 }
-SD_PROMPTS = (
-    "a cat riding a bike",
-    "a dog playing chess",
-    "a horse washing the dishes",
-    "a monkey doing homework",
-    "a rabbit playing the piano",
-    "an owl reading a book",
-)
 METHODS = ("b2", "ddpo", "plain")
 OPTIMISATIONS = ("stacking", "sdpa", "channels_last", "compile")
 
@@ -235,7 +229,7 @@ def make_reward(args):
 
 def make_prompt_fn(args):
     if args.sd15_random:
-        prompts = list(SD_PROMPTS)
+        prompts = list(ANIMAL_ACTIVITY_PROMPTS)
     else:
         from b2trl.toy import train_prompts
 
@@ -470,7 +464,7 @@ def measure_plain(args) -> dict:
     sd.set_progress_bar_config(disable=True)
     batch = args.plain_batch_size
     images = args.prompts * args.branches * args.batches
-    prompts = [SD_PROMPTS[i % len(SD_PROMPTS)] for i in range(batch)]
+    prompts = [ANIMAL_ACTIVITY_PROMPTS[i % len(ANIMAL_ACTIVITY_PROMPTS)] for i in range(batch)]
     call = dict(num_inference_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=1.0, output_type="pt")
     with torch.no_grad():
         embeds, negative = sd.encode_prompt(prompts, args.device, 1, True)

@@ -28,6 +28,7 @@ from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from b2trl import B2DiffuRLConfig, B2DiffuRLTrainer, IntervalSchedule, load_pipeline
+from b2trl.prompts import ANIMAL_ACTIVITY_PROMPTS
 
 TOY = "toy"
 
@@ -56,16 +57,6 @@ PRESETS = {
         save_freq=0,  # a 2-minute job: no checkpoints, so rerunning into the same folder just works
     ),
 }
-
-# The paper's first prompt set is "a(n) <animal> <activity>"; a few of them, for real models without --prompts.
-DEFAULT_SD_PROMPTS = [
-    "a cat riding a bike",
-    "a dog playing chess",
-    "a horse washing the dishes",
-    "a monkey doing homework",
-    "a rabbit playing the piano",
-    "an owl reading a book",
-]
 
 
 @dataclass
@@ -200,7 +191,7 @@ def load_prompts(args: ScriptArguments, is_toy: bool) -> list[str]:
         from b2trl.toy import train_prompts
 
         return train_prompts()
-    return DEFAULT_SD_PROMPTS
+    return list(ANIMAL_ACTIVITY_PROMPTS)
 
 
 def build_reward(args: ScriptArguments, is_toy: bool):
