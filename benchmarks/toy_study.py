@@ -37,7 +37,6 @@ import difflib
 import gc
 import hashlib
 import json
-import logging
 import os
 import platform
 import random
@@ -315,12 +314,11 @@ def b2_config(values: dict):
 def build_trainer(method_settings: dict, seed: int, num_stages: int, workdir: str):
     """A fresh pipeline (LoRA) and trainer for one run; nothing is written under `workdir` (no checkpoints)."""
     import torch
-    from accelerate import PartialState
 
     import b2trl.toy as toy
+    from b2trl import load_pipeline
 
     _reset_accelerate()
-    PartialState()  # TRL's LoRA pipeline and trainer log through accelerate, which fails without a state
     values = {k: v for k, v in copy.deepcopy(method_settings).items() if k != "trainer"}
     common = dict(seed=seed, num_epochs=num_stages, log_with=None, logdir=workdir, exp_name="toy_study",
                   project_kwargs={"project_dir": workdir})
@@ -331,25 +329,19 @@ def build_trainer(method_settings: dict, seed: int, num_stages: int, workdir: st
         return rng.choice(prompts), {}
 
     torch.manual_seed(seed)  # the LoRA's random init
+    # TRL's own DefaultDDPOStableDiffusionPipeline for both trainers (load_pipeline also creates the accelerate
+    # state that TRL's pipeline and trainer log through)
+    pipeline = load_pipeline(toy.model_path(), use_lora=True)
     if method_settings["trainer"] == "b2":
-        from b2trl import B2DiffuRLTrainer, load_pipeline
+        from b2trl import B2DiffuRLTrainer
 
-        pipeline = load_pipeline(toy.model_path(), use_lora=True)
         config = b2_config({**values, **common, "save_freq": 0})
         trainer = B2DiffuRLTrainer(config, toy.alignment_reward, prompt_fn, pipeline)
     else:
         import warnings
 
-        from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+        from trl import DDPOConfig, DDPOTrainer
 
-        # TRL warns that the base folder holds no LoRA weights: expected when a LoRA run starts from a base
-        trl_logger = logging.getLogger("trl.models.modeling_sd_base")
-        level = trl_logger.level
-        trl_logger.setLevel(logging.ERROR)
-        try:
-            pipeline = DefaultDDPOStableDiffusionPipeline(toy.model_path(), use_lora=True)
-        finally:
-            trl_logger.setLevel(level)
         # save_freq beyond the last stage: TRL saves at every epoch divisible by it, and a study run is
         # restarted from scratch rather than resumed (TRL's LoRA resume trains a fresh adapter, not the saved one)
         config = DDPOConfig(**values, **common, save_freq=10**9)
