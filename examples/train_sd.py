@@ -315,6 +315,9 @@ def main(argv=None):
         lora_dir, base_model=args.pretrained_model, reward_name=reward_name,
         repo_id=args.hub_model_id,
     )
+    # every process: flush the trackers and destroy the process group; the rest is single-process work
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     if not trainer.accelerator.is_main_process:
         return
     summary = {"preset": preset, "reward": reward_name, "train_seconds": round(train_seconds, 1), "saved": lora_dir}

@@ -67,6 +67,8 @@ if args.plain_ddpo:
     if args.stats and trainer.accelerator.is_main_process:
         with open(args.stats, "a") as f:
             f.write(json.dumps({"max_weight_diff_across_ranks": float((everyone - everyone[0]).abs().max())}) + "\n")
+    # without this, a gloo process could abort at interpreter exit ("terminate called without an active exception")
+    trainer.accelerator.end_training()
     sys.exit(0)
 trainer = B2DiffuRLTrainer(config, reward, cycling_prompts(prompts), load_pipeline(args.model_dir))
 
@@ -88,3 +90,4 @@ def log_stage(trainer, stats):
 
 trainer.stage_end_callbacks.append(log_stage)
 trainer.train()
+trainer.accelerator.end_training()
