@@ -628,8 +628,17 @@ def run_optimisations(args) -> dict:
         scale = max(float(g.abs().max()) for g in a) or 1.0
         return max(float((g - h).abs().max()) for g, h in zip(a, b)) / scale
 
-    def speedups(times: dict, pairs: dict) -> dict:
-        return {name: times[base] / times[variant] for name, (base, variant) in pairs.items()}
+    def as_is_vs_switched(as_is: str, switched: str, switch, restore, speedup_of: str) -> dict:
+        """Median sampling and training times of the UNet as it is and switched (restored after each call), and
+        the speedup of the `speedup_of` setting over the other one."""
+        times = _median_times(
+            {f"{as_is}_sampling": sample_call, f"{switched}_sampling": (switch, sample_call, restore),
+             f"{as_is}_training": train_call(1), f"{switched}_training": (switch, train_call(1), restore)},
+            args.opt_repeats, cuda,
+        )
+        other = switched if speedup_of == as_is else as_is
+        return {"seconds": times, **{f"speedup_{part}": times[f"{other}_{part}"] / times[f"{speedup_of}_{part}"]
+                                     for part in ("sampling", "training")}}
 
     sections = args.optimisations
     if "stacking" in sections:
@@ -654,27 +663,15 @@ def run_optimisations(args) -> dict:
             "out_of_memory": out_of_memory,
         }
     if "sdpa" in sections:  # diffusers' default processor vs the classic bmm-softmax one
-        classic = (lambda: unet.set_attn_processor(AttnProcessor()),
-                   lambda: unet.set_attn_processor(AttnProcessor2_0()))
-        times = _median_times(
-            {"sdpa_sampling": sample_call, "classic_sampling": (classic[0], sample_call, classic[1]),
-             "sdpa_training": train_call(1), "classic_training": (classic[0], train_call(1), classic[1])},
-            args.opt_repeats, cuda,
+        results["sdpa"] = as_is_vs_switched(
+            "sdpa", "classic", lambda: unet.set_attn_processor(AttnProcessor()),
+            lambda: unet.set_attn_processor(AttnProcessor2_0()), speedup_of="sdpa",
         )
-        results["sdpa"] = {"seconds": times, **speedups(times, {
-            "speedup_sampling": ("classic_sampling", "sdpa_sampling"),
-            "speedup_training": ("classic_training", "sdpa_training")})}
     if "channels_last" in sections:
-        layout = (lambda: unet.to(memory_format=torch.channels_last),
-                  lambda: unet.to(memory_format=torch.contiguous_format))
-        times = _median_times(
-            {"contiguous_sampling": sample_call, "channels_last_sampling": (layout[0], sample_call, layout[1]),
-             "contiguous_training": train_call(1), "channels_last_training": (layout[0], train_call(1), layout[1])},
-            args.opt_repeats, cuda,
+        results["channels_last"] = as_is_vs_switched(
+            "contiguous", "channels_last", lambda: unet.to(memory_format=torch.channels_last),
+            lambda: unet.to(memory_format=torch.contiguous_format), speedup_of="channels_last",
         )
-        results["channels_last"] = {"seconds": times, **speedups(times, {
-            "speedup_sampling": ("contiguous_sampling", "channels_last_sampling"),
-            "speedup_training": ("contiguous_training", "channels_last_training")})}
     if "compile" in sections:  # last: compiling in place cannot be undone
         from b2trl.pipeline import compile_unet
 
