@@ -182,22 +182,49 @@ def test_missing_local_path_error(images):
         AestheticScorer("./no/such/clip").to()
 
 
-def test_unreachable_hub_id_error_says_how_to_go_offline(images, monkeypatch):
+def test_unreachable_hub_id_error_says_how_to_go_offline(monkeypatch):
     import huggingface_hub.constants
 
     # Offline mode makes the Hub client fail at once instead of retrying a network it cannot reach.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     expected = r"(?s)'nobody-xyz/no-such-clip'.*pass that local folder to `model_name_or_path=`.*HF_HUB_OFFLINE"
     with pytest.raises(OSError, match=expected):
-        CLIPScore("nobody-xyz/no-such-clip")(images, PROMPTS, None)
+        CLIPScore("nobody-xyz/no-such-clip")
 
 
-def test_unreachable_head_error(tiny_clip, images, monkeypatch):
+def test_unreachable_head_error(tiny_clip, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(RewardModelNotFoundError, match="`head_name_or_path=`"):
-        AestheticScorer(tiny_clip, head_name_or_path="nobody-xyz/no-such-head").to()
+    with pytest.raises(RewardModelNotFoundError, match="`head_name_or_path`='nobody-xyz/no-such-head'"):
+        AestheticScorer(tiny_clip, head_name_or_path="nobody-xyz/no-such-head")
+
+
+def test_a_model_that_cannot_be_found_fails_when_the_reward_is_built(tiny_clip, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    missing = str(tmp_path / "no-such-clip")
+    with pytest.raises(RewardModelNotFoundError, match=f"`model_name_or_path`='{missing}'.*does not exist"):
+        get_reward("clip_score", model_name_or_path=missing)
+    # the built-in defaults are Hub ids, none of them in this (empty) cache
+    for name, missing_id in [("clip_score", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+                             ("aesthetic", "openai/clip-vit-large-patch14"),
+                             ("pickscore", "yuvalkirstain/PickScore_v1")]:
+        with pytest.raises(RewardModelNotFoundError, match=f"(?s)'{missing_id}' is not in the Hugging Face cache"):
+            get_reward(name)
+    with pytest.raises(RewardModelNotFoundError, match="`processor_name_or_path`='someone/processor'"):
+        get_reward("pickscore", model_name_or_path=tiny_clip, processor_name_or_path="someone/processor")
+
+    # a Hub id whose snapshot is in the cache passes; its weights still load only on the first call
+    repo = tmp_path / "cache" / "models--me--cached-clip"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    scorer = get_reward("clip_score", model_name_or_path="me/cached-clip")
+    assert isinstance(scorer, CLIPScore) and scorer.model is None
+    assert get_reward("clip_score", model_name_or_path=tiny_clip).model is None
 
 
 def test_bad_constructor_arguments(tiny_clip):

@@ -134,6 +134,44 @@ def _hub_error_types() -> tuple[type[BaseException], ...]:
     return (OSError,) + tuple(getattr(hub_errors, n) for n in names if hasattr(hub_errors, n))
 
 
+def _missing_local_path(name_or_path: str, argument: str) -> RewardModelNotFoundError:
+    return RewardModelNotFoundError(
+        f"`{argument}`={name_or_path!r} looks like a local path but does not exist; pass an existing folder "
+        "(or file) or a Hugging Face Hub id such as 'openai/clip-vit-large-patch14'."
+    )
+
+
+def check_model_available(name_or_path: str, argument: str = "model_name_or_path") -> None:
+    """Fail now, when a reward is built, if its model cannot be found, rather than after a stage of sampling.
+
+    A local path must exist. With ``HF_HUB_OFFLINE=1`` a Hub id must already be in the Hugging Face cache. Online,
+    nothing is fetched here: the weights are downloaded on the first call.
+
+    Raises:
+        [`RewardModelNotFoundError`]: naming `argument`, the path or id, and how to make it available.
+    """
+    import huggingface_hub.constants as hub_constants
+
+    if looks_like_local_path(name_or_path):
+        if not os.path.exists(os.path.expanduser(name_or_path)):
+            raise _missing_local_path(name_or_path, argument)
+        return
+    if not hub_constants.HF_HUB_OFFLINE:
+        return
+    from huggingface_hub import snapshot_download
+
+    try:
+        # offline this only looks in the cache: it returns the cached snapshot's folder or raises
+        snapshot_download(name_or_path, local_files_only=True)
+    except _hub_error_types() as err:
+        raise RewardModelNotFoundError(
+            f"`{argument}`={name_or_path!r} is not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) and "
+            f"HF_HUB_OFFLINE=1 forbids downloading it. On a machine with network, run "
+            f"`hf download {name_or_path} --local-dir <folder>` and pass that local folder to `{argument}=`, or "
+            f"download it into this cache (`hf download {name_or_path}`), or unset HF_HUB_OFFLINE."
+        ) from err
+
+
 @contextmanager
 def hub_loading(name_or_path: str, argument: str = "model_name_or_path"):
     """Context manager that turns loading failures into a `RewardModelNotFoundError` naming the fix.
@@ -142,10 +180,7 @@ def hub_loading(name_or_path: str, argument: str = "model_name_or_path"):
     without asking the Hub.
     """
     if looks_like_local_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
-        raise RewardModelNotFoundError(
-            f"`{argument}`={name_or_path!r} looks like a local path but does not exist; pass an existing folder "
-            "(or file) or a Hugging Face Hub id such as 'openai/clip-vit-large-patch14'."
-        )
+        raise _missing_local_path(name_or_path, argument)
     try:
         yield
     except RewardModelNotFoundError:

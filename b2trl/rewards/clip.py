@@ -15,6 +15,7 @@ from torch import nn
 from .base import (
     ClipImageSpec,
     RewardModelNotFoundError,
+    check_model_available,
     check_reward_inputs,
     clip_preprocess,
     hub_loading,
@@ -77,6 +78,11 @@ class ClipRewardBase:
             raise ValueError(f"`max_batch_size` must be a positive integer or None, got {max_batch_size}.")
         self.model_name_or_path = os.fspath(model_name_or_path)
         self.processor_name_or_path = os.fspath(processor_name_or_path or model_name_or_path)
+        # the weights load lazily (on the first call), but a model that cannot be found fails here, before a
+        # stage of sampling is spent
+        check_model_available(self.model_name_or_path, "model_name_or_path")
+        if self.processor_name_or_path != self.model_name_or_path:
+            check_model_available(self.processor_name_or_path, "processor_name_or_path")
         self.device = torch.device(device) if device is not None else None
         if isinstance(dtype, str):
             if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -279,6 +285,7 @@ class AestheticScorer(ClipRewardBase):
         self.head_name_or_path = os.fspath(head_name_or_path)
         self.head_filename = head_filename
         self.head = None
+        check_model_available(self.head_name_or_path, "head_name_or_path")
 
     def _head_file(self) -> str:
         location = os.path.expanduser(self.head_name_or_path)
