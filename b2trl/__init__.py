@@ -10,7 +10,7 @@ _LAZY = {
     "B2DiffuRLConfig": "b2trl.config",
     "B2DiffuRLTrainer": "b2trl.trainer",
     "IntervalSchedule": "b2trl.schedule",
-    "load_pipeline": "b2trl.pipeline",
+    "load_pipeline": "b2trl.models",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

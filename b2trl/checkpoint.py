@@ -102,27 +102,40 @@ def prune(root: str, keep: Optional[int]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_lora_into_unet(unet, folder: str, adapter_name: str = "default") -> None:
+def save_stage(accelerator, root: str, stage: int, state: dict) -> str:
     """
-    Load LoRA weights saved in diffusers' layout (``pytorch_lora_weights.safetensors``) into the UNet's
-    *existing* adapter, so an optimizer that already holds the adapter's parameters keeps training them.
-    (Loading through `load_lora_into_unet` adds and activates a second adapter instead.)
+    Write the checkpoint of `stage` under `root` with every process taking part (FSDP and DeepSpeed need it):
+    accelerate's state into a hidden folder, then `state` (the marker), then the rename into place. On a failed
+    write the partial folder is removed and the error names the last complete checkpoint.
     """
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft import set_peft_model_state_dict
+    main = accelerator.is_main_process
+    partial, final = os.path.join(root, partial_name(stage)), os.path.join(root, checkpoint_name(stage))
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(root, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(output_dir=partial)
+        accelerator.wait_for_everyone()
+        if main:
+            write_state(partial, state)
+            finalize(partial, final)
+            prune(root, accelerator.project_configuration.total_limit)
+    except OSError as err:
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
+        done = complete_checkpoints(root)
+        last = done[-1][1] if done else "none"
+        raise OSError(
+            f"Could not write the checkpoint of stage {stage} ({err}). The last complete checkpoint is {last}."
+        ) from err
+    accelerator.wait_for_everyone()
+    return final
 
-    path = os.path.join(folder, LORA_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No LoRA weights at {path}: expected a folder written by save_pretrained.")
-    state, _ = StableDiffusionPipeline.lora_state_dict(folder, weight_name=LORA_FILE)
-    unet_state = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
-    if not unet_state:
-        raise ValueError(f"{path} holds no UNet LoRA weights.")
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name=adapter_name)
-    unexpected = getattr(result, "unexpected_keys", None) or []
-    if unexpected:
-        raise ValueError(
-            f"{path} does not match this model's LoRA adapter (unexpected keys such as {unexpected[:3]}); "
-            "was it trained on another base model or LoRA configuration?"
-        )
+
+def load_lora_into_unet(unet, folder: str, adapter_name: str = "default") -> None:
+    """Load SD LoRA weights saved in diffusers' layout into the UNet's existing adapter (see
+    [`~b2trl.models.ModelFamily.load_lora`], which this calls for the SD1.x family)."""
+    from .models import StableDiffusionFamily
+
+    StableDiffusionFamily().load_lora(unet, folder, adapter_name=adapter_name)

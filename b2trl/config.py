@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from trl import DDPOConfig
 
+from .samplers import DDIMSampler
 from .schedule import IntervalSchedule
 from .selection import SELECTION_RULES
 
@@ -196,11 +196,8 @@ class B2DiffuRLConfig(DDPOConfig):
                 errors.append(
                     f"compile_unet_kwargs has unknown torch.compile arguments {unknown}; use {COMPILE_ARGUMENTS}."
                 )
-        if not (self.sample_eta > 0 and math.isfinite(self.sample_eta)):
-            errors.append(
-                f"sample_eta must be > 0, got {self.sample_eta}: with eta = 0 DDIM is deterministic and the "
-                "transitions have no log-probability to optimise."
-            )
+        # the sampler checks its own settings (DDIM: eta > 0)
+        errors.extend(DDIMSampler(self.sample_eta).validation_errors())
         if self.selection_threshold_best < self.selection_threshold_worst:
             errors.append(
                 f"selection_threshold_best ({self.selection_threshold_best}) must be >= selection_threshold_worst "

@@ -1,11 +1,20 @@
-"""Loading a Stable Diffusion pipeline for training, without TRL's start-up pitfalls."""
+"""Process state, the accelerator and compilation: what a training run sets up around its pipeline.
+
+`load_pipeline` and `wrap_pipeline` live in [`b2trl.models`] (they pick the model family); they are importable
+from here too.
+"""
 
 from __future__ import annotations
 
-import logging as stdlib_logging
 import os
 
-from accelerate import PartialState
+import torch
+from accelerate import Accelerator, PartialState, logging
+from accelerate.utils import ProjectConfiguration
+
+from . import checkpoint as ckpt
+
+logger = logging.get_logger(__name__)
 
 
 def ensure_accelerate_state(**kwargs) -> PartialState:
@@ -18,68 +27,44 @@ def ensure_accelerate_state(**kwargs) -> PartialState:
     return PartialState(**kwargs)
 
 
-def load_pipeline(pretrained_model_name_or_path: str, *, revision: str = "main", use_lora: bool = True):
+def build_accelerator(config) -> Accelerator:
     """
-    Load a [`~trl.DefaultDDPOStableDiffusionPipeline`] from a Hub id or a local folder.
-
-    Args:
-        pretrained_model_name_or_path (`str`):
-            A diffusers Stable Diffusion folder or Hub id (e.g. ``"runwayml/stable-diffusion-v1-5"``).
-        revision (`str`, *optional*, defaults to `"main"`): Hub revision.
-        use_lora (`bool`, *optional*, defaults to `True`):
-            Train a LoRA adapter (rank 4 on the UNet's attention projections) instead of the whole UNet.
+    The accelerator of a training run: its state created first (gloo on CPU when ``accelerator_kwargs`` has
+    ``cpu``), fp16 refused on CPU, checkpoints named by stage, and no accumulation of its own (the trainer decides
+    the windows per stage). Refuses a project folder that already holds another run's checkpoints.
     """
-    from trl import DefaultDDPOStableDiffusionPipeline
-
-    ensure_accelerate_state()
-    path = os.path.expanduser(pretrained_model_name_or_path)
-    looks_local = path.startswith((os.path.sep, ".")) or path.count("/") > 1
-    if looks_local and not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"pretrained_model: no folder at {pretrained_model_name_or_path!r}. Pass a diffusers pipeline "
-            "folder (with model_index.json) or a Hub id such as 'runwayml/stable-diffusion-v1-5'."
+    ensure_accelerate_state(**({"cpu": True} if config.accelerator_kwargs.get("cpu") else {}))
+    mixed_precision = config.mixed_precision
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        logger.warning("mixed_precision='fp16' needs a GPU; training in fp32 on this CPU-only machine.")
+        mixed_precision = "no"
+    project = dict(config.project_kwargs)
+    project.setdefault("project_dir", os.path.join(config.logdir, config.run_name or config.exp_name or "b2trl"))
+    project.setdefault("total_limit", config.num_checkpoint_limit)
+    # checkpoints are named by stage and written atomically here, not by accelerate's counter
+    project["automatic_checkpoint_naming"] = False
+    checkpoints = os.path.join(project["project_dir"], "checkpoints")
+    if config.save_freq > 0 and not config.resume_from and ckpt.complete_checkpoints(checkpoints):
+        # found now, not after a stage of work when the first checkpoint would collide
+        raise ValueError(
+            f"{checkpoints} already holds checkpoints of another run. Continue it with "
+            "resume_from='latest', or use another project_dir (project_kwargs / output folder)."
         )
-    # Starting a LoRA run from a plain base model is the normal case, yet TRL warns that no LoRA weights were
-    # found in the folder; keep its logger quiet for this call only.
-    trl_logger = stdlib_logging.getLogger("trl.models.modeling_sd_base")
-    level = trl_logger.level
-    trl_logger.setLevel(stdlib_logging.ERROR)
-    try:
-        return DefaultDDPOStableDiffusionPipeline(path, pretrained_model_revision=revision, use_lora=use_lora)
-    finally:
-        trl_logger.setLevel(level)
-
-
-def wrap_pipeline(sd_pipeline, *, use_lora: bool = True):
-    """
-    Wrap a `StableDiffusionPipeline` that is already in memory as a [`~trl.DefaultDDPOStableDiffusionPipeline`],
-    set up as [`load_pipeline`] sets up one loaded from disk (DDIM scheduler, no safety checker, frozen VAE and
-    text encoder, a frozen UNet when training LoRA).
-
-    Useful for pipelines built from configs (random weights, benchmarks) or modified before training, without
-    a round trip through `save_pretrained`.
-    """
-    from diffusers import DDIMScheduler
-    from trl import DefaultDDPOStableDiffusionPipeline
-
-    ensure_accelerate_state()
-    # TRL's constructor only takes a path; build its object around this pipeline instead
-    wrapped = DefaultDDPOStableDiffusionPipeline.__new__(DefaultDDPOStableDiffusionPipeline)
-    wrapped.sd_pipeline = sd_pipeline
-    wrapped.use_lora = use_lora
-    wrapped.pretrained_model = getattr(sd_pipeline, "name_or_path", None)
-    wrapped.pretrained_revision = "main"
-    sd_pipeline.scheduler = DDIMScheduler.from_config(sd_pipeline.scheduler.config)
-    sd_pipeline.safety_checker = None
-    sd_pipeline.vae.requires_grad_(False)
-    sd_pipeline.text_encoder.requires_grad_(False)
-    sd_pipeline.unet.requires_grad_(not use_lora)
-    return wrapped
+    # accumulation is decided per stage (the interval length and kept count change), so the
+    # accelerator itself never accumulates
+    return Accelerator(
+        log_with=config.log_with,
+        mixed_precision=mixed_precision,
+        project_config=ProjectConfiguration(**project),
+        gradient_accumulation_steps=1,
+        **config.accelerator_kwargs,
+    )
 
 
 def compile_unet(unet, **compile_kwargs):
     """
-    Compile `unet` with `torch.compile`, in place (`nn.Module.compile`), and return it.
+    Compile the denoiser `unet` (a UNet or a transformer) with `torch.compile`, in place
+    (`nn.Module.compile`), and return it.
 
     In place matters: the module object, its parameter names and its PEFT adapters stay as they were, so LoRA
     saving and loading, `accelerator.unwrap_model` and DDP wrapping see the same UNet as without compilation.
@@ -92,3 +77,12 @@ def compile_unet(unet, **compile_kwargs):
     """
     unet.compile(**compile_kwargs)
     return unet
+
+
+def __getattr__(name):
+    # load_pipeline / wrap_pipeline moved to b2trl.models; imported lazily (b2trl.models imports this module)
+    if name in ("load_pipeline", "wrap_pipeline"):
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'b2trl.pipeline' has no attribute {name!r}")

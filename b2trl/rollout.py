@@ -11,6 +11,9 @@ from typing import Optional
 
 import torch
 
+from .models import Conditioning, family_for_pipeline
+from .samplers import Sampler
+
 
 @dataclass
 class BranchRollout:
@@ -37,20 +40,25 @@ class BranchRollout:
     num_branches: int
 
 
-def guided_noise_prediction(unet, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale):
-    """UNet noise prediction, with classifier-free guidance when `negative_prompt_embeds` is given.
-
-    The unconditional and conditional halves run as one batch (negative first, as TRL's loss expects).
+class SampleBatch(list):
     """
-    if negative_prompt_embeds is None:
-        return unet(latents, timestep, prompt_embeds).sample
-    pred = unet(
-        torch.cat([latents, latents]),
-        torch.cat([timestep, timestep]),
-        torch.cat([negative_prompt_embeds, prompt_embeds]),
-    ).sample
-    uncond, cond = pred.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    One sampling batch as the reward function and the image hook see it: a list that unpacks like TRL's
+    ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` (the last two once the batch is scored),
+    with those names as attributes.
+    """
+
+    FIELDS = ("images", "prompts", "prompt_metadata", "rewards", "reward_metadata")
+
+    def _field(self, index: int):
+        if len(self) <= index:
+            raise AttributeError(f"this batch has no {self.FIELDS[index]} yet (it has not been scored)")
+        return self[index]
+
+    images = property(lambda self: self._field(0))
+    prompts = property(lambda self: self._field(1))
+    prompt_metadata = property(lambda self: self._field(2))
+    rewards = property(lambda self: self._field(3))
+    reward_metadata = property(lambda self: self._field(4))
 
 
 def _chunks(total: int, size: Optional[int]):
@@ -59,49 +67,40 @@ def _chunks(total: int, size: Optional[int]):
 
 
 @torch.no_grad()
-def _denoise(pipeline, latents, embeds, neg_embeds, timesteps, *, guidance_scale, eta, generator, record):
+def _denoise(pipeline, family, sampler, latents, conditioning, timesteps, *, guidance_scale, generator, record):
     """Run `timesteps` on `latents`; return the final latents and, if `record`, the transitions."""
+    denoiser = getattr(pipeline, family.denoiser_name)
     trajectory, log_probs = [latents], []
     for t in timesteps:
-        t_batch = torch.full((latents.shape[0],), int(t), device=latents.device, dtype=torch.long)
-        noise = guided_noise_prediction(pipeline.unet, latents, t_batch, embeds, neg_embeds, guidance_scale)
-        out = pipeline.scheduler_step(noise, t_batch, latents, eta=eta, generator=generator)
-        latents = out.latents
+        t_batch = sampler.timestep_batch(t, latents.shape[0], latents.device)
+        prediction = family.predict(denoiser, latents, t_batch, conditioning, guidance_scale)
+        out = sampler.step(pipeline.scheduler, prediction, t_batch, latents, generator=generator)
+        latents = out.prev_sample
         if record:
             trajectory.append(latents)
-            log_probs.append(out.log_probs)
+            log_probs.append(out.log_prob)
     if not record:
         return latents, None, None
     return latents, torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1)
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+def decode_latents(pipeline, latents: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
     """Decode latents to images in ``[0, 1]`` (float32), `chunk_size` rows at a time."""
-    images = []
-    for rows in _chunks(latents.shape[0], chunk_size):
-        decoded = vae.decode(latents[rows].to(vae.dtype) / vae.config.scaling_factor).sample
-        images.append((decoded.float() / 2 + 0.5).clamp(0, 1))
-    return torch.cat(images)
-
-
-def latent_shape(unet, batch_size: int) -> tuple[int, ...]:
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return (batch_size, unet.config.in_channels, height, width)
+    family = family_for_pipeline(pipeline)
+    return torch.cat([family.decode(pipeline, latents[rows]) for rows in _chunks(latents.shape[0], chunk_size)])
 
 
 @torch.no_grad()
 def branch_rollout(
     pipeline,
-    prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: Optional[torch.Tensor],
+    conditioning: Conditioning,
     *,
+    sampler: Sampler,
     num_inference_steps: int,
     branch_point: int,
     num_branches: int,
     guidance_scale: float = 5.0,
-    eta: float = 1.0,
     chunk_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     latents: Optional[torch.Tensor] = None,
@@ -110,17 +109,16 @@ def branch_rollout(
     Sample `num_branches` images per prompt that share their first `branch_point` denoising steps.
 
     Args:
-        pipeline ([`~trl.DDPOStableDiffusionPipeline`]):
-            Provides `unet`, `vae`, `scheduler` (DDIM) and `scheduler_step` (a DDIM step that returns log-probs).
-        prompt_embeds (`torch.Tensor`): ``(B, seq, dim)`` text embeddings, one row per prompt.
-        negative_prompt_embeds (`torch.Tensor` or `None`):
-            ``(B, seq, dim)`` unconditional embeddings; `None` disables classifier-free guidance.
+        pipeline ([`~b2trl.models.TrainingPipeline`] or a TRL `DDPOStableDiffusionPipeline`):
+            The pipeline; its model family provides the denoiser call, latent shape and decoding.
+        conditioning ([`~b2trl.models.Conditioning`]):
+            One row per prompt; with an unconditional half, sampling uses classifier-free guidance.
+        sampler ([`~b2trl.samplers.Sampler`]): the stochastic step and its log-probability.
         num_inference_steps (`int`): ``T``.
         branch_point (`int`): ``b = T - L``; steps ``[0, b)`` form the shared prefix, ``[b, T)`` the interval.
         num_branches (`int`): ``N``, copies of the branch-point latent finished with independent noise.
         guidance_scale (`float`): classifier-free guidance scale.
-        eta (`float`): DDIM eta; must be > 0 for the transitions to have log-probs.
-        chunk_size (`int`, *optional*): at most this many rows per UNet/VAE call, to bound memory.
+        chunk_size (`int`, *optional*): at most this many rows per denoiser/VAE call, to bound memory.
         generator (`torch.Generator`, *optional*): source of the initial noise and of every step's noise.
         latents (`torch.Tensor`, *optional*): ``(B, C, h, w)`` initial noise, drawn if not given.
 
@@ -131,38 +129,37 @@ def branch_rollout(
         raise ValueError(f"branch_point must be in [0, {num_inference_steps}), got {branch_point}.")
     if num_branches < 1:
         raise ValueError(f"num_branches must be >= 1, got {num_branches}.")
-    unet, scheduler = pipeline.unet, pipeline.scheduler
-    device, batch = prompt_embeds.device, prompt_embeds.shape[0]
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
+    family = family_for_pipeline(pipeline)
+    denoiser, scheduler = getattr(pipeline, family.denoiser_name), pipeline.scheduler
+    batch = len(conditioning)
+    device = next(iter(conditioning.cond.values())).device
+    timesteps = sampler.timesteps(scheduler, num_inference_steps, device)
     if latents is None:
-        noise = torch.randn(latent_shape(unet, batch), generator=generator, device=device, dtype=torch.float32)
-        latents = (noise * scheduler.init_noise_sigma).to(unet.dtype)
-    denoise = dict(guidance_scale=guidance_scale, eta=eta, generator=generator)
+        shape = family.latent_shape(pipeline, batch)
+        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = (noise * sampler.initial_noise_sigma(scheduler)).to(denoiser.dtype)
+    denoise = dict(guidance_scale=guidance_scale, generator=generator)
 
     # 1. prefix: once per prompt, nothing recorded (it is not trained)
     prefix = []
     for rows in _chunks(batch, chunk_size):
-        neg = None if negative_prompt_embeds is None else negative_prompt_embeds[rows]
         out, _, _ = _denoise(
-            pipeline, latents[rows], prompt_embeds[rows], neg, timesteps[:branch_point], record=False, **denoise
+            pipeline, family, sampler, latents[rows], conditioning.index(rows), timesteps[:branch_point],
+            record=False, **denoise,
         )
         prefix.append(out)
     branch_latents = torch.cat(prefix)
 
     # 2. fork: bit-identical copies of the branch-point latent, grouped by prompt
     forked = branch_latents.repeat_interleave(num_branches, dim=0)
-    embeds = prompt_embeds.repeat_interleave(num_branches, dim=0)
-    neg_embeds = None
-    if negative_prompt_embeds is not None:
-        neg_embeds = negative_prompt_embeds.repeat_interleave(num_branches, dim=0)
+    branched = conditioning.repeat_interleave(num_branches)
 
     # 3. finish every branch with its own noise, recording the interval's transitions
     finals, trajectories, log_probs = [], [], []
     for rows in _chunks(forked.shape[0], chunk_size):
-        neg = None if neg_embeds is None else neg_embeds[rows]
         final, trajectory, logp = _denoise(
-            pipeline, forked[rows], embeds[rows], neg, timesteps[branch_point:], record=True, **denoise
+            pipeline, family, sampler, forked[rows], branched.index(rows), timesteps[branch_point:],
+            record=True, **denoise,
         )
         finals.append(final)
         trajectories.append(trajectory)
@@ -171,7 +168,7 @@ def branch_rollout(
     interval = timesteps[branch_point:]
 
     # 4. decode
-    images = decode_latents(pipeline.vae, torch.cat(finals), chunk_size)
+    images = decode_latents(pipeline, torch.cat(finals), chunk_size)
     return BranchRollout(
         images=images,
         latents=trajectory[:, :-1],

@@ -163,3 +163,23 @@ def stage_advantages(z: np.ndarray, keep: np.ndarray, rule: str, clip: float) ->
     if rule == "pairs":
         return pair_advantages(z, keep, clip)
     return advantages_from_z(z, clip)
+
+
+def pad_rows(keep: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """
+    Row indices of the kept samples, padded to `target` rows with other (or repeated) rows.
+
+    Padding rows are trained with advantage 0 (zero loss, zero gradient): they only make every process run the
+    same number of backward passes, which DDP's all-reduce requires.
+
+    Returns:
+        `(rows, is_padding)`: int64 indices and a bool mask of the padding rows.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    kept = np.flatnonzero(keep)
+    if target < len(kept):
+        raise ValueError(f"target ({target}) is smaller than the number of kept rows ({len(kept)}).")
+    pool = np.concatenate([np.flatnonzero(~keep), kept]) if len(keep) else kept
+    extra = np.resize(pool, target - len(kept)) if target > len(kept) else np.zeros(0, dtype=np.int64)
+    rows = np.concatenate([kept, extra]).astype(np.int64)
+    return rows, np.arange(target) >= len(kept)

@@ -1,39 +1,38 @@
 """B²-DiffuRL on top of TRL's `DDPOTrainer`.
 
-One `train()` epoch is one stage: branch rollout → rewards → per-prompt z-scores over the history →
-best/worst selection per group → PPO-clip on the kept samples' interval steps → the schedule advances.
+One `train()` epoch is one stage, and [`B2DiffuRLTrainer.step`] reads as the stage's named steps: branch
+rollout → rewards → per-prompt z-scores over the history → selection per group → stage statistics → training
+on the kept samples' interval steps → checkpoint. What depends on the model, the sampler or the loss is behind
+the seams in ``b2trl/models``, ``b2trl/samplers`` and ``b2trl/losses``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections import defaultdict
 from concurrent import futures
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from accelerate import Accelerator, logging
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate import logging
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from trl import DDPOTrainer
 
+from . import batching
 from . import checkpoint as ckpt
 from .config import B2DiffuRLConfig
-from .pipeline import ensure_accelerate_state
-from .rollout import branch_rollout, guided_noise_prediction
-from .selection import PromptRewardHistory, select, stage_advantages
+from .losses import LossOutput, build_loss
+from .models import Conditioning, family_for_pipeline
+from .pipeline import build_accelerator
+from .rollout import SampleBatch, branch_rollout
+from .scoring import call_reward_function, callable_name, check_rewards, next_prompt, reward_components
+from .selection import PromptRewardHistory, pad_rows, select, stage_advantages
+from .timing import PhaseTimer
 
 logger = logging.get_logger(__name__)
-
-# keys of a recorded sample that have a time axis (one entry per interval step)
-TIME_KEYS = ("timesteps", "latents", "next_latents", "log_probs")
-
-
-def _callable_name(fn) -> str:
-    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 class B2DiffuRLTrainer(DDPOTrainer):
@@ -41,8 +40,8 @@ class B2DiffuRLTrainer(DDPOTrainer):
     Trains a diffusion model with B²-DiffuRL: branch-based sampling and backward progressive training of the
     final denoising steps, against a sparse (end-of-trajectory) reward.
 
-    Same constructor as [`~trl.DDPOTrainer`]; works with [`~trl.DefaultDDPOStableDiffusionPipeline`] (LoRA or
-    full fine-tuning).
+    Same constructor as [`~trl.DDPOTrainer`]; takes a pipeline from [`~b2trl.load_pipeline`] (any supported model
+    family) or TRL's [`~trl.DefaultDDPOStableDiffusionPipeline`] (LoRA or full fine-tuning).
 
     Args:
         config ([`B2DiffuRLConfig`]): Training configuration.
@@ -51,8 +50,9 @@ class B2DiffuRLTrainer(DDPOTrainer):
         prompt_function (`Callable[[], tuple[str, Any]]`): Returns one `(prompt, metadata)` per call.
         sd_pipeline ([`~trl.DDPOStableDiffusionPipeline`]): The pipeline to fine-tune.
         image_samples_hook (`Callable[[Any, int, Any], Any]`, *optional*):
-            Called once per stage with `(prompt_image_data, global_step, tracker)`; `tracker` is `None` when no
-            tracker is configured.
+            Called once per stage with `(prompt_image_data, global_step, tracker)`: a list of
+            [`~b2trl.rollout.SampleBatch`] (each unpacks like TRL's `[images, prompts, metadata, rewards,
+            reward_metadata]`); `tracker` is `None` when no tracker is configured.
     """
 
     _tag_names = ["trl", "b2trl", "b2-diffurl"]
@@ -74,7 +74,13 @@ class B2DiffuRLTrainer(DDPOTrainer):
         self.reward_fn = reward_function
         self.prompt_fn = prompt_function
         self.image_samples_callback = image_samples_hook
-        self.accelerator = self._build_accelerator()
+        self.family = family_for_pipeline(sd_pipeline)
+        self.sampler = self.family.make_sampler(config)
+        errors = self.sampler.validation_errors()
+        if errors:
+            raise ValueError("Invalid B2DiffuRLConfig:\n- " + "\n- ".join(errors))
+        self.loss_fn = build_loss(config)
+        self.accelerator = build_accelerator(config)
         if image_samples_hook is None:
             logger.info("No image_samples_hook provided; no images will be logged.")
         if self.accelerator.is_main_process:
@@ -86,14 +92,7 @@ class B2DiffuRLTrainer(DDPOTrainer):
         self.sd_pipeline = sd_pipeline
         self.sd_pipeline.set_progress_bar_config(disable=True)
         self.use_lora = bool(getattr(sd_pipeline, "use_lora", False))
-        inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.accelerator.mixed_precision, torch.float32
-        )
-        device = self.accelerator.device
-        self.sd_pipeline.vae.to(device, dtype=inference_dtype)
-        self.sd_pipeline.text_encoder.to(device, dtype=inference_dtype)
-        # full fine-tuning keeps fp32 master weights; with LoRA only the frozen base is cast down
-        self.sd_pipeline.unet.to(device, dtype=inference_dtype if self.use_lora else torch.float32)
+        self._place_modules()
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -105,22 +104,25 @@ class B2DiffuRLTrainer(DDPOTrainer):
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         optimizer = self._setup_optimizer(params)
         with torch.no_grad():
-            self.neg_prompt_embed = self._encode_prompts([config.negative_prompts or ""])
+            # the unconditional half of guidance, encoded once (one row; expanded per batch)
+            self.negative_conditioning = self.family.encode_negative(
+                self.sd_pipeline.sd_pipeline, config.negative_prompts or "", self.accelerator.device
+            )
         self.autocast = self.sd_pipeline.autocast or self.accelerator.autocast
 
         if isinstance(trainable, list):
             # a parameter list cannot be wrapped for DDP; it trains on one process only
             self.trainable_params, self.optimizer = self.accelerator.prepare(trainable, optimizer)
-            self.training_unet = self.sd_pipeline.unet
+            self.training_denoiser = self.denoiser
         else:
             # train through the prepared module so that DDP sees the forward and all-reduces gradients
-            self.training_unet, self.optimizer = self.accelerator.prepare(trainable, optimizer)
-            self.trainable_params = [p for p in self.training_unet.parameters() if p.requires_grad]
+            self.training_denoiser, self.optimizer = self.accelerator.prepare(trainable, optimizer)
+            self.trainable_params = [p for p in self.training_denoiser.parameters() if p.requires_grad]
         if config.compile_unet:
             from .pipeline import compile_unet
 
             # in place, after the LoRA adapter exists: the prepared (possibly DDP-wrapped) module is unchanged
-            compile_unet(self.sd_pipeline.unet, **config.compile_unet_kwargs)
+            compile_unet(self.denoiser, **config.compile_unet_kwargs)
         self.executor = futures.ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
         self.history = PromptRewardHistory(config.history_stages)
         self.first_epoch = 0
@@ -132,67 +134,49 @@ class B2DiffuRLTrainer(DDPOTrainer):
 
     # ------------------------------------------------------------------ set-up
 
-    def _build_accelerator(self) -> Accelerator:
-        config = self.config
-        ensure_accelerate_state(**({"cpu": True} if config.accelerator_kwargs.get("cpu") else {}))
-        mixed_precision = config.mixed_precision
-        if mixed_precision == "fp16" and not torch.cuda.is_available():
-            logger.warning("mixed_precision='fp16' needs a GPU; training in fp32 on this CPU-only machine.")
-            mixed_precision = "no"
-        project = dict(config.project_kwargs)
-        project.setdefault("project_dir", os.path.join(config.logdir, config.run_name or config.exp_name or "b2trl"))
-        project.setdefault("total_limit", config.num_checkpoint_limit)
-        # checkpoints are named by stage and written atomically here, not by accelerate's counter
-        project["automatic_checkpoint_naming"] = False
-        checkpoints = os.path.join(project["project_dir"], "checkpoints")
-        if config.save_freq > 0 and not config.resume_from and ckpt.complete_checkpoints(checkpoints):
-            # found now, not after a stage of work when the first checkpoint would collide
-            raise ValueError(
-                f"{checkpoints} already holds checkpoints of another run. Continue it with "
-                "resume_from='latest', or use another project_dir (project_kwargs / output folder)."
-            )
-        # accumulation is decided per stage (the interval length and kept count change), so the
-        # accelerator itself never accumulates
-        return Accelerator(
-            log_with=config.log_with,
-            mixed_precision=mixed_precision,
-            project_config=ProjectConfiguration(**project),
-            gradient_accumulation_steps=1,
-            **config.accelerator_kwargs,
+    @property
+    def denoiser(self):
+        """The pipeline's trained network (``unet`` or ``transformer``), unwrapped."""
+        return getattr(self.sd_pipeline, self.family.denoiser_name)
+
+    @property
+    def training_unet(self):
+        """The prepared (possibly DDP-wrapped) denoiser that training runs through (kept for TRL's name)."""
+        return self.training_denoiser
+
+    def _place_modules(self) -> None:
+        inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision, torch.float32
         )
+        device, pipe = self.accelerator.device, self.sd_pipeline.sd_pipeline
+        for name in ("vae",) + self.family.text_encoder_names:
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.to(device, dtype=inference_dtype)
+        # full fine-tuning keeps fp32 master weights; with LoRA only the frozen base is cast down
+        self.denoiser.to(device, dtype=inference_dtype if self.use_lora else torch.float32)
 
     def _config_check(self) -> tuple[bool, str]:
         errors = self.config.validation_errors()
         return (not errors, "\n".join(errors))
 
-    def _encode_prompts(self, prompts) -> torch.Tensor:
-        tokenizer = self.sd_pipeline.tokenizer
-        ids = tokenizer(
-            list(prompts),
-            return_tensors="pt",
-            padding="max_length",
-            truncation=True,
-            max_length=tokenizer.model_max_length,
-        ).input_ids.to(self.accelerator.device)
-        return self.sd_pipeline.text_encoder(ids)[0]
-
     def _save_model_hook(self, models, weights, output_dir):
-        unwrapped = [self.accelerator.unwrap_model(m) for m in models]
+        unwrapped = self.accelerator.unwrap_model(models[0])
         if self.accelerator.is_main_process:
-            self.sd_pipeline.save_checkpoint(unwrapped, weights, output_dir)
+            if self.use_lora:
+                self.family.save_lora(unwrapped, output_dir)
+            else:
+                self.family.save_denoiser(unwrapped, output_dir)
         if weights:
-            weights.pop()  # the pipeline wrote the weights; accelerate must not write them again
+            weights.pop()  # the family wrote the weights; accelerate must not write them again
 
     def _load_model_hook(self, models, input_dir):
-        unet = self.accelerator.unwrap_model(models[0])
+        denoiser = self.accelerator.unwrap_model(models[0])
         if self.use_lora:
             # into the adapter the optimizer holds (TRL adds a second adapter here, and nothing trains after)
-            ckpt.load_lora_into_unet(unet, input_dir)
+            self.family.load_lora(denoiser, input_dir)
         else:
-            from diffusers import UNet2DConditionModel
-
-            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
-            unet.load_state_dict(loaded.state_dict())
+            self.family.load_denoiser(denoiser, input_dir)
         models.pop()
 
     # ------------------------------------------------------------------ checkpoints
@@ -207,30 +191,8 @@ class B2DiffuRLTrainer(DDPOTrainer):
         RNG states, stage, global step and per-prompt reward history. Every process takes part (FSDP and
         DeepSpeed need it); the folder appears only once complete.
         """
-        root, main = self.checkpoint_dir, self.accelerator.is_main_process
-        partial, final = os.path.join(root, ckpt.partial_name(stage)), os.path.join(root, ckpt.checkpoint_name(stage))
-        if main:
-            shutil.rmtree(partial, ignore_errors=True)
-            os.makedirs(root, exist_ok=True)
-        self.accelerator.wait_for_everyone()
-        try:
-            self.accelerator.save_state(output_dir=partial)
-            self.accelerator.wait_for_everyone()
-            if main:
-                state = {"stage": stage, "global_step": self.global_step, "history": self.history.state_dict()}
-                ckpt.write_state(partial, state)
-                ckpt.finalize(partial, final)
-                ckpt.prune(root, self.accelerator.project_configuration.total_limit)
-        except OSError as err:
-            if main:
-                shutil.rmtree(partial, ignore_errors=True)
-            done = ckpt.complete_checkpoints(root)
-            last = done[-1][1] if done else "none"
-            raise OSError(
-                f"Could not write the checkpoint of stage {stage} ({err}). The last complete checkpoint is {last}."
-            ) from err
-        self.accelerator.wait_for_everyone()
-        return final
+        state = {"stage": stage, "global_step": self.global_step, "history": self.history.state_dict()}
+        return ckpt.save_stage(self.accelerator, self.checkpoint_dir, stage, state)
 
     def resume(self, resume_from: str) -> None:
         """Restore a checkpoint (a folder, a run folder, or ``"latest"``); training continues after its stage."""
@@ -246,284 +208,234 @@ class B2DiffuRLTrainer(DDPOTrainer):
         """Continue training from LoRA weights saved by `save_pretrained` (or pushed to the Hub and downloaded)."""
         if not self.use_lora:
             raise ValueError("load_lora_weights needs a LoRA pipeline (use_lora=True).")
-        ckpt.load_lora_into_unet(self.accelerator.unwrap_model(self.training_unet), folder)
+        self.family.load_lora(self.accelerator.unwrap_model(self.training_denoiser), folder)
 
     # ------------------------------------------------------------------ one stage
 
     def step(self, epoch: int, global_step: int) -> int:
         """
-        Run stage `epoch`: sample, score, select, train. Returns the updated `global_step` (optimizer steps).
+        Run stage `epoch` (one stage per TRL epoch): sample, score, select, train. Returns the updated
+        `global_step` (optimizer steps). Each line is one named step of the method.
         """
-        config, stage = self.config, epoch
-        num_steps = config.sample_num_steps
-        length = config.interval_schedule.length(stage, num_steps)
-        branch_point = num_steps - length
+        stage, timer = epoch, PhaseTimer()
+        branch_point = self.config.interval_schedule.branch_point(stage, self.config.sample_num_steps)
+        with timer("sampling"):
+            samples, batches = self.sample_stage(branch_point)
+        with timer("rewards"):
+            self.score(batches, stage)
+        self.call_image_hook(batches, global_step)
+        z, all_rewards = self.z_scores(batches)
+        keep, advantages = self.select_samples(z)
+        stats = self.stage_statistics(stage, branch_point, batches, all_rewards, keep, advantages)
+        with timer("training"):
+            global_step = self.train_kept(samples, keep, advantages, stats, global_step)
+        stats.update(timer.stats())
+        self.log_stage(stats)
+        if self.config.save_freq > 0 and (stage + 1) % self.config.save_freq == 0:
+            self.global_step = global_step
+            self.save_checkpoint(stage)  # every process takes part: FSDP/DeepSpeed need all of them
+        return global_step
 
-        # 1. branch rollout: a shared prefix per prompt, then N branches over the interval
-        samples, prompt_image_data = self._generate_samples(
+    def sample_stage(self, branch_point: int) -> tuple[dict, list[SampleBatch]]:
+        """The stage's branch rollouts, concatenated into one dict of transitions, and their sample batches."""
+        config = self.config
+        samples, batches = self._generate_samples(
             config.sample_num_batches_per_epoch, config.sample_batch_size, branch_point=branch_point
         )
-        samples = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+        return {k: torch.cat([s[k] for s in samples]) for k in samples[0]}, batches
 
-        # 2. rewards
+    def score(self, batches: list[SampleBatch], stage: int) -> None:
+        """Reward every sample batch; each batch gets its rewards and reward metadata appended."""
         try:
-            rewards, rewards_metadata = self.compute_rewards(
-                prompt_image_data, is_async=config.async_reward_computation
-            )
+            rewards, rewards_metadata = self.compute_rewards(batches, is_async=self.config.async_reward_computation)
         except Exception as err:
             raise RuntimeError(
-                f"reward_function {_callable_name(self.reward_fn)} raised at stage {stage}: {err!r}"
+                f"reward_function {callable_name(self.reward_fn)} raised at stage {stage}: {err!r}"
             ) from err
-        rewards = self._check_rewards(rewards, prompt_image_data, stage)
-        for data, reward, metadata in zip(prompt_image_data, rewards, rewards_metadata):
-            data.extend([reward, metadata])
+        rewards = check_rewards(
+            rewards, batches, stage, callable_name(self.reward_fn), self.config.drop_nonfinite_rewards
+        )
+        for batch, reward, metadata in zip(batches, rewards, rewards_metadata):
+            batch.extend([reward, metadata])
+
+    def call_image_hook(self, batches: list[SampleBatch], global_step: int) -> None:
         if self.image_samples_callback is not None:
             tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
-            self.image_samples_callback(prompt_image_data, global_step, tracker)
+            self.image_samples_callback(batches, global_step, tracker)
 
-        # 3. per-prompt z-scores over the history (on every process, from the gathered rewards)
-        local_rewards = torch.cat(rewards)
+    def z_scores(self, batches: list[SampleBatch]) -> tuple[np.ndarray, np.ndarray]:
+        """This process's per-prompt z-scores (computed on every process from the gathered rewards), and all
+        processes' rewards."""
+        local_rewards = torch.cat([batch.rewards for batch in batches])
         all_rewards = self.accelerator.gather(local_rewards).cpu().numpy().astype(np.float64)
-        local_prompts = [p for data in prompt_image_data for p in data[1]]
+        local_prompts = [p for batch in batches for p in batch.prompts]
         all_prompts = gather_object(local_prompts) if self.accelerator.num_processes > 1 else local_prompts
         z = self.history.update(all_prompts, all_rewards)
-        z = z.reshape(self.accelerator.num_processes, -1)[self.accelerator.process_index]
+        return z.reshape(self.accelerator.num_processes, -1)[self.accelerator.process_index], all_rewards
 
-        # 4. best/worst selection per group; groups never cross processes
-        keep = select(
-            z.reshape(-1, config.num_branches),
-            config.selection_rule,
-            config.selection_threshold_best,
-            config.selection_threshold_worst,
-        )
-        advantages = stage_advantages(z.reshape(keep.shape), keep, config.selection_rule, config.train_adv_clip_max)
-        samples["advantages"] = torch.as_tensor(
-            advantages.reshape(-1), dtype=torch.float32, device=self.accelerator.device
-        )
-        self.last_local_kept = int(keep.sum())
+    def select_samples(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The selection rule per group (groups never cross processes): ``(keep, advantages)``, both of shape
+        ``(groups, branches)``."""
+        config = self.config
+        z = z.reshape(-1, config.num_branches)
+        keep = select(z, config.selection_rule, config.selection_threshold_best, config.selection_threshold_worst)
+        return keep, stage_advantages(z, keep, config.selection_rule, config.train_adv_clip_max)
+
+    def stage_statistics(self, stage, branch_point, batches, all_rewards, keep, advantages) -> dict:
+        """Rewards, interval and selection counts of the stage, summed over processes."""
         # how kept samples are pushed up vs down: when the advantages sum far below zero, the update mostly pushes
         # likelihoods down, which degrades a model faster than the positive samples teach it
         kept_adv = advantages[keep]
-        signs = self.accelerator.gather(
-            torch.tensor(
-                [float((kept_adv > 0).sum()), float((kept_adv < 0).sum()), float(kept_adv.sum())],
-                device=self.accelerator.device,
-            )
-        ).reshape(-1, 3).sum(0)
-        kept_counts = self.accelerator.gather(
-            torch.tensor([int(keep.sum())], device=self.accelerator.device)
-        ).cpu()
+        local = [float((kept_adv > 0).sum()), float((kept_adv < 0).sum()), float(kept_adv.sum()),
+                 float(keep.any(1).sum()), float(keep.sum())]
+        positive, negative, adv_sum, groups_kept, kept = (
+            self.accelerator.gather(torch.tensor(local, device=self.accelerator.device)).reshape(-1, 5).sum(0).tolist()
+        )
         stats = {
             "stage": stage,
             "reward_mean": float(np.nanmean(all_rewards)),
             "reward_std": float(np.nanstd(all_rewards)),
             "rewards_dropped": int(np.isnan(all_rewards).sum()),
-            "interval_length": length,
+            "interval_length": self.config.sample_num_steps - branch_point,
             "branch_point": branch_point,
-            "groups_kept": int(self.accelerator.gather(torch.tensor([int(keep.any(1).sum())],
-                                                                    device=self.accelerator.device)).sum()),
+            "groups_kept": int(groups_kept),
             "groups_total": int(keep.shape[0] * self.accelerator.num_processes),
-            "samples_kept": int(kept_counts.sum()),
+            "samples_kept": int(kept),
             "samples_total": int(all_rewards.size),
-            "samples_kept_positive": int(signs[0]),
-            "samples_kept_negative": int(signs[1]),
-            "kept_advantage_sum": float(signs[2]),
+            "samples_kept_positive": int(positive),
+            "samples_kept_negative": int(negative),
+            "kept_advantage_sum": float(adv_sum),
         }
-        stats.update(self._reward_components(rewards_metadata))
+        stats.update(reward_components([batch.reward_metadata for batch in batches]))
+        return stats
 
-        # 5. PPO-clip on the kept samples' interval steps
-        if int(kept_counts.max()) == 0:
+    def train_kept(self, samples: dict, keep: np.ndarray, advantages: np.ndarray, stats: dict, global_step: int) -> int:
+        """Train on the kept samples (every process the same number of rows: padding rows have advantage 0)."""
+        config, device = self.config, self.accelerator.device
+        counts = self.accelerator.gather(torch.tensor([int(keep.sum())], device=device)).cpu()
+        if int(counts.max()) == 0:
             logger.warning(
-                f"Stage {stage}: no group passed the selection thresholds "
+                f"Stage {stats['stage']}: no group passed the selection thresholds "
                 f"({config.selection_threshold_best}, {config.selection_threshold_worst}); skipping the update."
             )
             stats["skipped_update"] = 1
-        else:
-            stats["skipped_update"] = 0
-            rows, is_padding = pad_rows(keep.reshape(-1), int(kept_counts.max()))
-            kept = {k: v[rows] for k, v in samples.items()}
-            kept["advantages"] = kept["advantages"].masked_fill(
-                torch.as_tensor(is_padding, device=self.accelerator.device), 0.0
-            )
-            global_step, train_stats = self._train_stage(kept, stage, global_step)
-            stats.update(train_stats)
-        self.accelerator.log(stats, step=stage)
+            return global_step
+        stats["skipped_update"] = 0
+        rows, is_padding = pad_rows(keep.reshape(-1), int(counts.max()))
+        kept = {k: v[rows] for k, v in samples.items()}
+        advantages = torch.as_tensor(advantages.reshape(-1)[rows], dtype=torch.float32, device=device)
+        kept["advantages"] = advantages.masked_fill(torch.as_tensor(is_padding, device=device), 0.0)
+        global_step, train_stats = self._train_stage(kept, stats["stage"], global_step)
+        stats.update(train_stats)
+        return global_step
+
+    def log_stage(self, stats: dict) -> None:
+        self.accelerator.log(stats, step=stats["stage"])
         self.last_stage_stats = stats
         for callback in self.stage_end_callbacks:
             callback(self, stats)
 
-        # 6. checkpoint (every process takes part: FSDP/DeepSpeed need all of them)
-        if config.save_freq > 0 and (stage + 1) % config.save_freq == 0:
-            self.global_step = global_step
-            self.save_checkpoint(stage)
-        return global_step
+    def encode(self, prompts) -> Conditioning:
+        """The conditioning of `prompts`, with the unconditional half when `train_cfg` (guidance) is on."""
+        with torch.no_grad():
+            cond = self.family.encode_prompts(self.sd_pipeline.sd_pipeline, list(prompts), self.accelerator.device)
+        uncond = None
+        if self.config.train_cfg:
+            n = len(prompts)
+            uncond = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.negative_conditioning.items()}
+        return Conditioning(cond, uncond)
 
     def _generate_samples(self, iterations: int, batch_size: int, branch_point: int = 0):
         """
         Sample `iterations` batches of `batch_size` prompts, each with `num_branches` branches forking at
-        `branch_point`. Returns DDPO-layout sample dicts (rows grouped by prompt, time axis = interval steps)
-        and `[images, prompts, prompt_metadata]` per batch for the reward function.
+        `branch_point`. Returns DDPO-layout sample dicts (rows grouped by prompt, time axis = interval steps,
+        conditioning under ``cond.*``/``uncond.*`` keys) and one [`~b2trl.rollout.SampleBatch`] per batch for the
+        reward function.
         """
         config = self.config
-        samples, prompt_image_data = [], []
-        self.sd_pipeline.unet.eval()
+        samples, batches = [], []
+        self.denoiser.eval()
         n = config.num_branches
         for _ in range(iterations):
             prompts, prompt_metadata = zip(*[self._next_prompt() for _ in range(batch_size)])
-            with torch.no_grad():
-                prompt_embeds = self._encode_prompts(prompts)
-                neg_embeds = self.neg_prompt_embed.repeat(batch_size, 1, 1)
+            conditioning = self.encode(prompts)
             with self.autocast():
                 rollout = branch_rollout(
                     self.sd_pipeline,
-                    prompt_embeds,
-                    neg_embeds if config.train_cfg else None,
+                    conditioning,
+                    sampler=self.sampler,
                     num_inference_steps=config.sample_num_steps,
                     branch_point=branch_point,
                     num_branches=n,
                     guidance_scale=config.sample_guidance_scale,
-                    eta=config.sample_eta,
                     chunk_size=config.rollout_chunk_size,
                 )
             samples.append(
                 {
-                    "prompt_embeds": prompt_embeds.repeat_interleave(n, dim=0),
-                    "negative_prompt_embeds": neg_embeds.repeat_interleave(n, dim=0),
+                    **conditioning.repeat_interleave(n).to_rows(),
                     "timesteps": rollout.timesteps,
                     "latents": rollout.latents,
                     "next_latents": rollout.next_latents,
                     "log_probs": rollout.log_probs,
                 }
             )
-            prompt_image_data.append(
-                [
-                    rollout.images,
-                    tuple(p for p in prompts for _ in range(n)),
-                    tuple(m for m in prompt_metadata for _ in range(n)),
-                ]
+            batches.append(
+                SampleBatch(
+                    [
+                        rollout.images,
+                        tuple(p for p in prompts for _ in range(n)),
+                        tuple(m for m in prompt_metadata for _ in range(n)),
+                    ]
+                )
             )
-        return samples, prompt_image_data
+        return samples, batches
 
     def _next_prompt(self) -> tuple[str, Any]:
-        name = _callable_name(self.prompt_fn)
-        try:
-            result = self.prompt_fn()
-        except Exception as err:
-            raise RuntimeError(f"prompt_function {name} raised: {err!r}") from err
-        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)):
-            raise TypeError(f"prompt_function {name} must return (prompt: str, metadata), got {result!r}.")
-        return result
+        return next_prompt(self.prompt_fn)
 
     def compute_rewards(self, prompt_image_pairs, is_async: bool = False):
         """Score every batch; with `is_async` the batches are scored concurrently in a thread pool."""
-        if is_async:
-            pending = [self.executor.submit(self.reward_fn, *pair[:3]) for pair in prompt_image_pairs]
-            results = [job.result() for job in pending]
-        else:
-            results = [self.reward_fn(*pair[:3]) for pair in prompt_image_pairs]
-        rewards, metadata = [], []
-        for result in results:
-            if not (isinstance(result, tuple) and len(result) == 2):
-                raise TypeError(
-                    f"reward_function {_callable_name(self.reward_fn)} must return (rewards, metadata), "
-                    f"got {type(result).__name__}."
-                )
-            # bf16/fp16 rewards are promoted: numpy has no bf16
-            rewards.append(torch.as_tensor(result[0], device=self.accelerator.device).float())
-            metadata.append(result[1])
-        return rewards, metadata
-
-    def _check_rewards(self, rewards, prompt_image_data, stage):
-        name = _callable_name(self.reward_fn)
-        for reward, (images, *_rest) in zip(rewards, prompt_image_data):
-            if reward.shape != (images.shape[0],):
-                raise ValueError(
-                    f"reward_function {name} returned rewards of shape {tuple(reward.shape)} at stage {stage}; "
-                    f"expected ({images.shape[0]},), one per image."
-                )
-        checked = []
-        for reward in rewards:
-            bad = ~torch.isfinite(reward)
-            if bad.any():
-                if not self.config.drop_nonfinite_rewards:
-                    raise ValueError(
-                        f"reward_function {name} returned non-finite rewards (NaN/inf) at stage {stage}: "
-                        f"{reward.tolist()}. Fix the reward, or set drop_nonfinite_rewards=True to drop such samples."
-                    )
-                logger.warning(f"Stage {stage}: dropping {int(bad.sum())} samples with non-finite rewards from {name}.")
-                reward = reward.masked_fill(bad, float("nan"))
-            checked.append(reward)
-        return checked
-
-    @staticmethod
-    def _reward_components(rewards_metadata) -> dict:
-        """Means of each part a composite reward reports in ``metadata["components"]``."""
-        parts = defaultdict(list)
-        for metadata in rewards_metadata:
-            if isinstance(metadata, dict) and isinstance(metadata.get("components"), dict):
-                for name, values in metadata["components"].items():
-                    parts[name].append(torch.as_tensor(values, dtype=torch.float32).reshape(-1).cpu())
-        values = {name: torch.cat(v) for name, v in parts.items()}
-        # a part may have no values this stage (e.g. a relation score when no prompt had a relation)
-        return {f"reward/{name}": float(v.mean()) for name, v in values.items() if v.numel()}
+        return call_reward_function(
+            self.reward_fn, prompt_image_pairs, self.accelerator.device, self.executor if is_async else None
+        )
 
     # ------------------------------------------------------------------ training
 
     def _train_stage(self, samples: dict, stage: int, global_step: int) -> tuple[int, dict]:
         """
-        PPO-clip over the kept samples for `train_num_inner_epochs` passes. An optimizer step follows every
-        `train_gradient_accumulation_steps` micro-batches (each one backward pass per interval step); the
-        last window of a pass steps with what it has. Every process holds the same number of rows here,
-        so all run the same number of backward passes and optimizer steps.
+        The loss over the kept samples for `train_num_inner_epochs` passes. An optimizer step follows every
+        `train_gradient_accumulation_steps` micro-batches (each one backward pass per interval step, or per
+        `train_timesteps_per_forward` steps stacked); the last window of a pass steps with what it has. Every
+        process holds the same number of rows here, so all run the same number of backward passes and
+        optimizer steps.
         """
         config, device = self.config, self.accelerator.device
         total, num_timesteps = samples["timesteps"].shape
+        group = self.loss_fn.group_size
         info = defaultdict(list)
         first_step = global_step
-        self.training_unet.train()
-        for inner_epoch in range(config.train_num_inner_epochs):
-            perm = torch.randperm(total, device=device)
-            shuffled = {k: v[perm] for k, v in samples.items()}
-            # an independent order of the interval steps for each sample
-            time_perm = torch.argsort(torch.rand(total, num_timesteps, device=device), dim=1)
-            rows = torch.arange(total, device=device)[:, None]
-            for key in TIME_KEYS:
-                shuffled[key] = shuffled[key][rows, time_perm]
-            batches = [
-                slice(start, min(start + config.train_batch_size, total))
-                for start in range(0, total, config.train_batch_size)
-            ]
-            for first in range(0, len(batches), config.train_gradient_accumulation_steps):
-                window = batches[first : first + config.train_gradient_accumulation_steps]
+        self.training_denoiser.train()
+        for _ in range(config.train_num_inner_epochs):
+            shuffled = batching.shuffle(samples, group_size=group)
+            windows = batching.accumulation_windows(
+                total, config.train_batch_size, config.train_gradient_accumulation_steps, group_size=group
+            )
+            for window in windows:
                 window_rows = sum(b.stop - b.start for b in window)
-                for b_index, batch in enumerate(window):
-                    sample = {k: v[batch] for k, v in shuffled.items()}
-                    weight = (batch.stop - batch.start) / (window_rows * num_timesteps)
-                    # several interval steps of the micro-batch go through the UNet as one batch: the same gradient
-                    # in fewer, larger calls (rows are sample-major: sample i's steps are rows i*k .. i*k + k - 1)
-                    for step_start in range(0, num_timesteps, config.train_timesteps_per_forward):
-                        steps = slice(step_start, min(step_start + config.train_timesteps_per_forward, num_timesteps))
+                for b_index, rows in enumerate(window):
+                    sample = {k: v[rows] for k, v in shuffled.items()}
+                    weight = (rows.stop - rows.start) / (window_rows * num_timesteps)
+                    for steps in batching.step_chunks(num_timesteps, config.train_timesteps_per_forward):
                         k = steps.stop - steps.start
-                        embeds = sample["prompt_embeds"].repeat_interleave(k, dim=0)
-                        if config.train_cfg:
-                            negative = sample["negative_prompt_embeds"].repeat_interleave(k, dim=0)
-                            embeds = torch.cat([negative, embeds])
                         last = b_index == len(window) - 1 and steps.stop == num_timesteps
-                        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.training_unet)
+                        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.training_denoiser)
                         with sync:
-                            loss, approx_kl, clipfrac = self.calculate_loss(
-                                sample["latents"][:, steps].flatten(0, 1),
-                                sample["timesteps"][:, steps].flatten(0, 1),
-                                sample["next_latents"][:, steps].flatten(0, 1),
-                                sample["log_probs"][:, steps].flatten(0, 1),
-                                sample["advantages"].repeat_interleave(k),
-                                embeds,
-                            )
+                            out = self.micro_batch_loss(batching.stack_steps(sample, steps))
                             # the loss is a mean over k steps' rows: it stands for k single-step losses
-                            self.accelerator.backward(loss * weight * k)
-                        info["loss"].append(loss.detach())
-                        info["approx_kl"].append(approx_kl.detach())
-                        info["clipfrac"].append(clipfrac.detach())
+                            self.accelerator.backward(out.loss * weight * k)
+                        info["loss"].append(out.loss.detach())
+                        for name, value in out.stats.items():
+                            info[name].append(value.detach())
                 grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, config.train_max_grad_norm)
                 if grad_norm is not None:
                     info["grad_norm"].append(torch.as_tensor(grad_norm, device=device).float())
@@ -535,38 +447,37 @@ class B2DiffuRLTrainer(DDPOTrainer):
         stats["optimizer_steps"] = global_step - first_step
         return global_step, stats
 
-    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
+    def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """The loss of one micro-batch of transitions (one row per sample and interval step)."""
+        log_prob = self.transition_log_prob(
+            batch["latents"], batch["timesteps"], batch["next_latents"], Conditioning.from_rows(batch)
+        )
+        return self.loss_fn(log_prob, batch)
+
+    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, conditioning: Conditioning):
         """
-        PPO-clip loss of one interval step for a micro-batch (same inputs and outputs as
-        [`~trl.DDPOTrainer.calculate_loss`]), evaluated through the *prepared* UNet so that distributed
-        wrappers synchronise gradients; TRL's version calls the bare UNet.
+        The loss of one interval step for a micro-batch, as [`~trl.DDPOTrainer.calculate_loss`] computes it, but
+        evaluated through the *prepared* denoiser so that distributed wrappers synchronise gradients (TRL's
+        version calls the bare UNet). `conditioning` replaces TRL's ``cat([negative, prompt])`` embeddings.
 
         Returns:
             `(loss, approx_kl, clipfrac)`, scalars.
         """
-        config = self.config
-        log_prob = self.transition_log_prob(latents, timesteps, next_latents, embeds)
-        advantages = torch.clamp(advantages, -config.train_adv_clip_max, config.train_adv_clip_max)
-        ratio = torch.exp(log_prob - log_probs)
-        loss = self.loss(advantages, config.train_clip_range, ratio)
-        approx_kl = 0.5 * torch.mean((log_prob - log_probs) ** 2)
-        clipfrac = torch.mean((torch.abs(ratio - 1.0) > config.train_clip_range).float())
-        return loss, approx_kl, clipfrac
+        batch = {
+            **conditioning.to_rows(), "latents": latents, "timesteps": timesteps, "next_latents": next_latents,
+            "log_probs": log_probs, "advantages": advantages,
+        }
+        out = self.micro_batch_loss(batch)
+        return out.loss, out.stats["approx_kl"], out.stats["clipfrac"]
 
-    def transition_log_prob(self, latents, timesteps, next_latents, embeds) -> torch.Tensor:
-        """Log-probability of ``latents -> next_latents`` under the current policy (with gradients).
-
-        `embeds` is ``cat([negative, prompt])`` when `train_cfg` is set (as in TRL), else the prompt embeddings.
-        """
-        config = self.config
-        negative, positive = embeds.chunk(2) if config.train_cfg else (None, embeds)
+    def transition_log_prob(self, latents, timesteps, next_latents, conditioning: Conditioning) -> torch.Tensor:
+        """Log-probability of ``latents -> next_latents`` under the current policy (with gradients)."""
         with self.autocast():
-            noise_pred = guided_noise_prediction(
-                self.training_unet, latents, timesteps, positive, negative, config.sample_guidance_scale
+            prediction = self.family.predict(
+                self.training_denoiser, latents, timesteps, conditioning, self.config.sample_guidance_scale
             )
-            return self.sd_pipeline.scheduler_step(
-                noise_pred, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents
-            ).log_probs
+            scheduler = self.sd_pipeline.scheduler
+            return self.sampler.step(scheduler, prediction, timesteps, latents, prev_sample=next_latents).log_prob
 
     # ------------------------------------------------------------------ saving
 
@@ -579,12 +490,15 @@ class B2DiffuRLTrainer(DDPOTrainer):
         the whole pipeline, for ``StableDiffusionPipeline.from_pretrained(save_directory)``. Both get a model card
         (``README.md``); `card_kwargs` go to [`~b2trl.hub.build_model_card`]. Only the main process writes.
         """
-        from .hub import build_model_card, save_trained_weights
+        from .hub import build_model_card
 
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            unet = self.accelerator.unwrap_model(self.training_unet)
-            save_trained_weights(self.sd_pipeline, unet, save_directory, use_lora=self.use_lora)
+            os.makedirs(save_directory, exist_ok=True)
+            if self.use_lora:
+                self.family.save_lora(self.accelerator.unwrap_model(self.training_denoiser), save_directory)
+            else:
+                self.sd_pipeline.sd_pipeline.save_pretrained(save_directory, safe_serialization=True)
             build_model_card(self, **card_kwargs).save(os.path.join(save_directory, "README.md"))
         self.accelerator.wait_for_everyone()
         return save_directory
@@ -631,21 +545,3 @@ class B2DiffuRLTrainer(DDPOTrainer):
         return self.global_step
 
 
-def pad_rows(keep: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
-    """
-    Row indices of the kept samples, padded to `target` rows with other (or repeated) rows.
-
-    Padding rows are trained with advantage 0 (zero loss, zero gradient): they only make every process run the
-    same number of backward passes, which DDP's all-reduce requires.
-
-    Returns:
-        `(rows, is_padding)`: int64 indices and a bool mask of the padding rows.
-    """
-    keep = np.asarray(keep, dtype=bool)
-    kept = np.flatnonzero(keep)
-    if target < len(kept):
-        raise ValueError(f"target ({target}) is smaller than the number of kept rows ({len(kept)}).")
-    pool = np.concatenate([np.flatnonzero(~keep), kept]) if len(keep) else kept
-    extra = np.resize(pool, target - len(kept)) if target > len(kept) else np.zeros(0, dtype=np.int64)
-    rows = np.concatenate([kept, extra]).astype(np.int64)
-    return rows, np.arange(target) >= len(kept)

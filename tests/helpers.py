@@ -61,10 +61,6 @@ def make_trainer(model_dir, reward=brightness_reward, hook=None, use_lora=True, 
     return B2DiffuRLTrainer(small_config(**overrides), reward, cycling_prompts(), pipeline, hook)
 
 
-def cfg_embeds(sample):
-    return torch.cat([sample["negative_prompt_embeds"], sample["prompt_embeds"]])
-
-
 def load_script(path, name: str):
     """Import a script (an example or a benchmark) as module `name`; registered in sys.modules so that its
     dataclasses resolve their annotations."""

@@ -1,22 +1,18 @@
 import pytest
 import torch
 
+from b2trl.models import Conditioning
 from b2trl.rollout import branch_rollout
-from helpers import cfg_embeds, make_trainer
-
-
-def _embeds(trainer, prompts):
-    with torch.no_grad():
-        positive = trainer._encode_prompts(prompts)
-    return positive, trainer.neg_prompt_embed.repeat(len(prompts), 1, 1)
+from helpers import make_trainer
 
 
 def test_branches_share_a_bit_identical_branch_point_and_differ_after(tiny_model_dir):
     trainer = make_trainer(tiny_model_dir)
-    positive, negative = _embeds(trainer, ["a cat", "a dog"])
+    conditioning = trainer.encode(["a cat", "a dog"])
     torch.manual_seed(0)
     out = branch_rollout(
-        trainer.sd_pipeline, positive, negative, num_inference_steps=6, branch_point=2, num_branches=3
+        trainer.sd_pipeline, conditioning, sampler=trainer.sampler, num_inference_steps=6, branch_point=2,
+        num_branches=3,
     )
     assert out.latents.shape[:2] == (6, 4) and out.log_probs.shape == (6, 4) and out.images.shape[0] == 6
     for group in range(2):
@@ -35,18 +31,18 @@ def test_branches_share_a_bit_identical_branch_point_and_differ_after(tiny_model
 
 def test_chunking_bounds_the_unet_batch_and_keeps_the_prefix(tiny_model_dir):
     trainer = make_trainer(tiny_model_dir)
-    positive, negative = _embeds(trainer, ["a cat", "a dog", "a red circle"])
+    conditioning = trainer.encode(["a cat", "a dog", "a red circle"])
     seen = []
     handle = trainer.sd_pipeline.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     try:
         noise = torch.randn(3, 4, 8, 8)
         kwargs = dict(num_inference_steps=5, branch_point=3, num_branches=4, latents=noise)
         torch.manual_seed(1)
-        chunked = branch_rollout(trainer.sd_pipeline, positive, negative, chunk_size=5, **kwargs)
+        chunked = branch_rollout(trainer.sd_pipeline, conditioning, sampler=trainer.sampler, chunk_size=5, **kwargs)
         chunked_max = max(seen)
         seen.clear()
         torch.manual_seed(1)
-        whole = branch_rollout(trainer.sd_pipeline, positive, negative, **kwargs)
+        whole = branch_rollout(trainer.sd_pipeline, conditioning, sampler=trainer.sampler, **kwargs)
     finally:
         handle.remove()
     assert chunked_max <= 2 * 5  # CFG doubles the rows of each call
@@ -63,7 +59,8 @@ def test_recomputed_log_probs_equal_the_recorded_ones_at_step_zero(tiny_model_di
     with torch.no_grad():
         for j in range(sample["timesteps"].shape[1]):
             recomputed = trainer.transition_log_prob(
-                sample["latents"][:, j], sample["timesteps"][:, j], sample["next_latents"][:, j], cfg_embeds(sample)
+                sample["latents"][:, j], sample["timesteps"][:, j], sample["next_latents"][:, j],
+                Conditioning.from_rows(sample),
             )
             ratio = torch.exp(recomputed - sample["log_probs"][:, j])
             torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
@@ -74,18 +71,21 @@ def test_recomputed_log_probs_equal_the_recorded_ones_at_step_zero(tiny_model_di
                 sample["next_latents"][:, j],
                 sample["log_probs"][:, j],
                 torch.ones(sample["latents"].shape[0]),
-                cfg_embeds(sample),
+                Conditioning.from_rows(sample),
             )
             assert float(approx_kl) < 1e-10 and float(clipfrac) == 0.0
 
 
 def test_one_fused_unet_call_per_step_covers_every_branch(tiny_model_dir):
     trainer = make_trainer(tiny_model_dir)
-    positive, negative = _embeds(trainer, ["a cat", "a dog"])
+    conditioning = trainer.encode(["a cat", "a dog"])
     calls = []
     handle = trainer.sd_pipeline.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     try:
-        branch_rollout(trainer.sd_pipeline, positive, negative, num_inference_steps=5, branch_point=2, num_branches=3)
+        branch_rollout(
+            trainer.sd_pipeline, conditioning, sampler=trainer.sampler, num_inference_steps=5, branch_point=2,
+            num_branches=3,
+        )
     finally:
         handle.remove()
     # prefix: one call per step over both prompts; interval: one call per step over all 6 branches; CFG doubles
@@ -98,10 +98,12 @@ def test_compiled_unet_gives_the_same_log_probs_and_saves_the_same_lora(tiny_mod
 
     trainer = make_trainer(tiny_model_dir)
     pipeline, unet = trainer.sd_pipeline, trainer.sd_pipeline.unet
-    positive, negative = _embeds(trainer, ["a cat", "a dog"])
+    conditioning = trainer.encode(["a cat", "a dog"])
     # branch point 0 keeps one UNet batch shape for sampling (dynamo compiles once per shape)
-    kwargs = dict(num_inference_steps=3, branch_point=0, num_branches=2, latents=torch.randn(2, 4, 8, 8))
-    eager = branch_rollout(pipeline, positive, negative, generator=torch.Generator().manual_seed(0), **kwargs)
+    kwargs = dict(
+        num_inference_steps=3, branch_point=0, num_branches=2, latents=torch.randn(2, 4, 8, 8), sampler=trainer.sampler
+    )
+    eager = branch_rollout(pipeline, conditioning, generator=torch.Generator().manual_seed(0), **kwargs)
     names = list(unet.state_dict())
 
     # the "eager" backend runs dynamo's capture (what meets PEFT, hooks, no-grad and train mode) without
@@ -110,13 +112,13 @@ def test_compiled_unet_gives_the_same_log_probs_and_saves_the_same_lora(tiny_mod
 
     graphs = counters["stats"]["unique_graphs"]
     assert compile_unet(unet, backend="eager") is unet
-    compiled = branch_rollout(pipeline, positive, negative, generator=torch.Generator().manual_seed(0), **kwargs)
+    compiled = branch_rollout(pipeline, conditioning, generator=torch.Generator().manual_seed(0), **kwargs)
     assert counters["stats"]["unique_graphs"] > graphs  # the UNet really ran through dynamo
     torch.testing.assert_close(compiled.log_probs, eager.log_probs, rtol=0, atol=1e-5)
     torch.testing.assert_close(compiled.images, eager.images, rtol=0, atol=1e-5)
     # the training path (gradients, train mode) through the trainer's prepared UNet
     unet.train()
-    embeds = torch.cat([negative.repeat_interleave(2, 0), positive.repeat_interleave(2, 0)])
+    embeds = conditioning.repeat_interleave(2)
     for j in range(3):
         transition = (eager.latents[:, j], eager.timesteps[:, j], eager.next_latents[:, j])
         log_prob = trainer.transition_log_prob(*transition, embeds)

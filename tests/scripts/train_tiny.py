@@ -70,7 +70,18 @@ if args.plain_ddpo:
     # without this, a gloo process could abort at interpreter exit ("terminate called without an active exception")
     trainer.accelerator.end_training()
     sys.exit(0)
-trainer = B2DiffuRLTrainer(config, reward, cycling_prompts(prompts), load_pipeline(args.model_dir))
+
+
+class CountingTrainer(B2DiffuRLTrainer):
+    """Remembers how many samples this process kept in the last stage (the test compares ranks)."""
+
+    def select_samples(self, z):
+        keep, advantages = super().select_samples(z)
+        self.local_kept = int(keep.sum())
+        return keep, advantages
+
+
+trainer = CountingTrainer(config, reward, cycling_prompts(prompts), load_pipeline(args.model_dir))
 
 
 def log_stage(trainer, stats):
@@ -79,7 +90,7 @@ def log_stage(trainer, stats):
         flat = torch.cat([p.detach().reshape(-1) for p in trainer.trainable_params])
         everyone = trainer.accelerator.gather(flat.unsqueeze(0))
         record["max_weight_diff_across_ranks"] = float((everyone - everyone[0]).abs().max())
-        kept = trainer.accelerator.gather(torch.tensor([trainer.last_local_kept]))
+        kept = trainer.accelerator.gather(torch.tensor([trainer.local_kept]))
         record["kept_per_rank"] = kept.tolist()
         record["weight_norm"] = float(flat.norm())
     if args.stats and trainer.accelerator.is_main_process:

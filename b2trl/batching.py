@@ -1,0 +1,69 @@
+"""How a stage's kept transitions become micro-batches: shuffling, accumulation windows, stacked steps.
+
+A stage's samples are a dict of tensors with one row per kept sample; the keys in `TIME_KEYS` have a second,
+time axis with one entry per interval step. Rows can be bound in groups (`group_size`, e.g. the two members of
+a preference pair): a group is shuffled as one unit, its members see the same order of interval steps, and
+micro-batches never split it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# keys of a recorded sample that have a time axis (one entry per interval step)
+TIME_KEYS = ("timesteps", "latents", "next_latents", "log_probs", "ref_log_probs")
+
+
+def shuffle(samples: dict[str, torch.Tensor], *, group_size: int = 1) -> dict[str, torch.Tensor]:
+    """
+    The samples in a random order of rows (whole groups of `group_size` rows), each sample's interval steps in
+    an independent random order (shared by the members of a group).
+    """
+    total, num_steps = samples["timesteps"].shape
+    device = samples["timesteps"].device
+    if total % group_size:
+        raise ValueError(f"{total} rows do not split into groups of {group_size}.")
+    if group_size == 1:
+        perm = torch.randperm(total, device=device)
+        time_perm = torch.argsort(torch.rand(total, num_steps, device=device), dim=1)
+    else:
+        units = total // group_size
+        offsets = torch.arange(group_size, device=device)
+        perm = (torch.randperm(units, device=device)[:, None] * group_size + offsets).reshape(-1)
+        time_perm = torch.argsort(torch.rand(units, num_steps, device=device), dim=1)
+        time_perm = time_perm.repeat_interleave(group_size, dim=0)
+    shuffled = {k: v[perm] for k, v in samples.items()}
+    rows = torch.arange(total, device=device)[:, None]
+    for key in TIME_KEYS:
+        if key in shuffled:
+            shuffled[key] = shuffled[key][rows, time_perm]
+    return shuffled
+
+
+def accumulation_windows(
+    total: int, batch_size: int, accumulation_steps: int, *, group_size: int = 1
+) -> list[list[slice]]:
+    """
+    Micro-batches of at most `batch_size` rows (rounded up to whole groups), `accumulation_steps` of them per
+    optimizer step; the last window holds what is left.
+    """
+    size = -(-batch_size // group_size) * group_size
+    batches = [slice(start, min(start + size, total)) for start in range(0, total, size)]
+    return [batches[i : i + accumulation_steps] for i in range(0, len(batches), accumulation_steps)]
+
+
+def step_chunks(num_steps: int, per_forward: int) -> list[slice]:
+    """Interval steps `per_forward` at a time: the steps stacked into one denoiser call."""
+    return [slice(start, min(start + per_forward, num_steps)) for start in range(0, num_steps, per_forward)]
+
+
+def stack_steps(sample: dict[str, torch.Tensor], steps: slice) -> dict[str, torch.Tensor]:
+    """
+    One row per (sample, step) for the interval steps `steps` of a micro-batch, sample-major: sample i's steps
+    are rows ``i*k .. i*k + k - 1``. Per-sample tensors (advantages, conditioning) are repeated to match.
+    """
+    k = steps.stop - steps.start
+    return {
+        key: value[:, steps].flatten(0, 1) if key in TIME_KEYS else value.repeat_interleave(k, dim=0)
+        for key, value in sample.items()
+    }

@@ -1,0 +1,24 @@
+"""Model families: what the trainer needs from each kind of diffusers pipeline.
+
+A family ([`ModelFamily`]) encodes prompts into a [`Conditioning`], calls the denoiser with classifier-free
+guidance, shapes and decodes latents, and saves or loads LoRA weights in diffusers' layout. Adding a family is
+one module here and one entry in ``registry.FAMILIES``.
+"""
+
+from .base import Conditioning, ModelFamily
+from .loading import load_pipeline, wrap_pipeline
+from .pipeline import TrainingPipeline
+from .registry import FAMILIES, family_for_class, family_for_pipeline
+from .sd import StableDiffusionFamily
+
+__all__ = [
+    "FAMILIES",
+    "Conditioning",
+    "ModelFamily",
+    "StableDiffusionFamily",
+    "TrainingPipeline",
+    "family_for_class",
+    "family_for_pipeline",
+    "load_pipeline",
+    "wrap_pipeline",
+]

@@ -1,0 +1,205 @@
+"""What the trainer needs from a model family, and the conditioning object that carries a prompt through it.
+
+A family knows how one kind of diffusers pipeline encodes prompts, calls its denoiser, shapes and decodes
+latents, and saves or loads LoRA weights in diffusers' layout. The trainer and the branch rollout call only
+these methods, so supporting a new kind of model is one new module in ``b2trl/models/``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class Conditioning:
+    """
+    Per-row conditioning of the denoiser: its keyword tensors for the prompt, and for the unconditional half of
+    classifier-free guidance when guidance is used (`uncond` is `None` otherwise).
+
+    Every tensor has one row per sample, so a conditioning is indexed, repeated and concatenated like the
+    latents it goes with. [`Conditioning.to_rows`] flattens it into a sample dict (keys ``cond.<name>`` and
+    ``uncond.<name>``) that is shuffled and sliced with the rest of a stage's transitions.
+    """
+
+    cond: dict[str, torch.Tensor]
+    uncond: Optional[dict[str, torch.Tensor]] = None
+
+    def __len__(self) -> int:
+        return next(iter(self.cond.values())).shape[0]
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond is not None
+
+    def _map(self, fn) -> "Conditioning":
+        uncond = None if self.uncond is None else {k: fn(v) for k, v in self.uncond.items()}
+        return Conditioning({k: fn(v) for k, v in self.cond.items()}, uncond)
+
+    def index(self, rows) -> "Conditioning":
+        """The rows `rows` (a slice, an index tensor or a mask)."""
+        return self._map(lambda v: v[rows])
+
+    def repeat_interleave(self, repeats: int) -> "Conditioning":
+        """Each row `repeats` times in a row (the rows of a branch group, or of stacked interval steps)."""
+        return self._map(lambda v: v.repeat_interleave(repeats, dim=0))
+
+    def to_rows(self) -> dict[str, torch.Tensor]:
+        rows = {f"cond.{k}": v for k, v in self.cond.items()}
+        if self.uncond is not None:
+            rows.update({f"uncond.{k}": v for k, v in self.uncond.items()})
+        return rows
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, torch.Tensor]) -> "Conditioning":
+        """The conditioning stored in a sample dict by [`Conditioning.to_rows`] (other keys are ignored)."""
+        cond = {k[len("cond.") :]: v for k, v in rows.items() if k.startswith("cond.")}
+        uncond = {k[len("uncond.") :]: v for k, v in rows.items() if k.startswith("uncond.")}
+        return cls(cond, uncond or None)
+
+
+class ModelFamily:
+    """
+    One kind of text-to-image pipeline (SD1.x, SDXL, SD3, ...), as the trainer sees it.
+
+    Class attributes:
+        name: short name used in messages and model cards.
+        pipeline_class_name: the diffusers pipeline class (``model_index.json``'s ``_class_name``).
+        denoiser_name: the denoiser's attribute on the pipeline (``"unet"`` or ``"transformer"``).
+        text_encoder_names: the pipeline's text encoders (frozen, moved to the inference dtype).
+        lora_target_modules: the denoiser's modules that receive LoRA layers.
+    """
+
+    name: str = ""
+    pipeline_class_name: str = ""
+    denoiser_name: str = "unet"
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    lora_target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+
+    # ------------------------------------------------------------------ recognising a pipeline
+
+    def matches(self, class_name: str) -> bool:
+        """Whether a pipeline of diffusers class `class_name` belongs to this family."""
+        return class_name == self.pipeline_class_name
+
+    @property
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def prepare(self, pipe, *, use_lora: bool) -> None:
+        """Set a freshly loaded diffusers pipeline up for training: sampler scheduler, frozen parts."""
+        if getattr(pipe, "safety_checker", None) is not None:
+            pipe.safety_checker = None
+        for name in self.text_encoder_names + ("vae",):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False)
+        getattr(pipe, self.denoiser_name).requires_grad_(not use_lora)
+
+    def make_sampler(self, config):
+        """The sampler this family trains with, built from the config."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ conditioning and prediction
+
+    def encode_prompts(self, pipe, prompts: list[str], device) -> dict[str, torch.Tensor]:
+        """The denoiser's conditioning tensors for `prompts`, one row each."""
+        raise NotImplementedError
+
+    def encode_negative(self, pipe, negative_prompt: str, device) -> dict[str, torch.Tensor]:
+        """The unconditional half's tensors for one row (the trainer expands them to a batch)."""
+        return self.encode_prompts(pipe, [negative_prompt], device)
+
+    def forward(self, denoiser, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        """One call of the denoiser on a batch of rows; returns its prediction."""
+        raise NotImplementedError
+
+    def predict(self, denoiser, latents, timesteps, conditioning: Conditioning, guidance_scale: float):
+        """
+        The denoiser's prediction, with classifier-free guidance when `conditioning` has an unconditional half.
+        Both halves run as one batch, the unconditional rows first.
+        """
+        if conditioning.uncond is None:
+            return self.forward(denoiser, latents, timesteps, conditioning.cond)
+        both = {k: torch.cat([conditioning.uncond[k], conditioning.cond[k]]) for k in conditioning.cond}
+        pred = self.forward(denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both)
+        uncond, cond = pred.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    # ------------------------------------------------------------------ latents and images
+
+    def latent_shape(self, pipe, batch_size: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """Decode latents to images in ``[0, 1]`` (float32)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ weights
+
+    def add_lora(self, denoiser, *, rank: int = 4, alpha: int = 4) -> None:
+        """Add a trainable LoRA adapter (float32 weights, so mixed precision does not unscale fp16 ones)."""
+        from peft import LoraConfig
+
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(self.lora_target_modules)
+        )
+        denoiser.add_adapter(config)
+        for param in denoiser.parameters():
+            if param.requires_grad:
+                param.data = param.to(torch.float32)
+
+    def lora_layers(self, denoiser) -> dict[str, torch.Tensor]:
+        """The adapter's weights in diffusers' key layout (what ``save_lora_weights`` expects)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+
+    def save_lora(self, denoiser, folder: str) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` that ``<Pipeline>.load_lora_weights(folder)`` loads."""
+        os.makedirs(folder, exist_ok=True)
+        layers = {f"{self.denoiser_name}_lora_layers": self.lora_layers(denoiser)}
+        self.pipeline_class.save_lora_weights(folder, safe_serialization=True, **layers)
+
+    def load_lora(self, denoiser, folder: str, adapter_name: str = "default") -> None:
+        """
+        Load LoRA weights saved in diffusers' layout into the denoiser's *existing* adapter, so an optimizer that
+        already holds the adapter's parameters keeps training them (diffusers' own loader adds and activates a
+        second adapter instead).
+        """
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft import set_peft_model_state_dict
+
+        path = os.path.join(folder, LORA_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No LoRA weights at {path}: expected a folder written by save_pretrained.")
+        state = self.pipeline_class.lora_state_dict(folder, weight_name=LORA_FILE)
+        state = state[0] if isinstance(state, tuple) else state
+        prefix = f"{self.denoiser_name}."
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not own:
+            raise ValueError(f"{path} holds no {self.denoiser_name} LoRA weights.")
+        result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(own), adapter_name=adapter_name)
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        if unexpected:
+            raise ValueError(
+                f"{path} does not match this model's LoRA adapter (unexpected keys such as {unexpected[:3]}); "
+                "was it trained on another base model or LoRA configuration?"
+            )
+
+    def save_denoiser(self, denoiser, folder: str) -> None:
+        """Write the fully fine-tuned denoiser to ``folder/<denoiser_name>`` (checkpoints)."""
+        denoiser.save_pretrained(os.path.join(folder, self.denoiser_name))
+
+    def load_denoiser(self, denoiser, folder: str) -> None:
+        """Load a denoiser written by [`ModelFamily.save_denoiser`] into `denoiser`, in place."""
+        loaded = type(denoiser).from_pretrained(folder, subfolder=self.denoiser_name)
+        denoiser.load_state_dict(loaded.state_dict())

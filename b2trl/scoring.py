@@ -1,0 +1,88 @@
+"""Calling the user's prompt and reward functions, checking what they returned, and summarising it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from accelerate import logging
+
+logger = logging.get_logger(__name__)
+
+
+def callable_name(fn) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def next_prompt(prompt_fn):
+    """One ``(prompt, metadata)`` from `prompt_fn`; its failures and wrong return types name it."""
+    name = callable_name(prompt_fn)
+    try:
+        result = prompt_fn()
+    except Exception as err:
+        raise RuntimeError(f"prompt_function {name} raised: {err!r}") from err
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)):
+        raise TypeError(f"prompt_function {name} must return (prompt: str, metadata), got {result!r}.")
+    return result
+
+
+def call_reward_function(reward_fn, batches, device, executor=None):
+    """
+    ``(rewards, metadata)``: one float32 tensor on `device` and one metadata object per batch. With an
+    `executor` (a thread pool) the batches are scored concurrently.
+    """
+    if executor is not None:
+        pending = [executor.submit(reward_fn, *batch[:3]) for batch in batches]
+        results = [job.result() for job in pending]
+    else:
+        results = [reward_fn(*batch[:3]) for batch in batches]
+    rewards, metadata = [], []
+    for result in results:
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise TypeError(
+                f"reward_function {callable_name(reward_fn)} must return (rewards, metadata), "
+                f"got {type(result).__name__}."
+            )
+        # bf16/fp16 rewards are promoted: numpy has no bf16
+        rewards.append(torch.as_tensor(result[0], device=device).float())
+        metadata.append(result[1])
+    return rewards, metadata
+
+
+def check_rewards(rewards, batches, stage: int, name: str, drop_nonfinite: bool) -> list[torch.Tensor]:
+    """
+    One reward per image of each batch, finite unless `drop_nonfinite` (then non-finite rewards become NaN,
+    which selection and statistics leave out). Raises `ValueError` naming the reward function and the fix.
+    """
+    for reward, batch in zip(rewards, batches):
+        images = batch[0]
+        if reward.shape != (images.shape[0],):
+            raise ValueError(
+                f"reward_function {name} returned rewards of shape {tuple(reward.shape)} at stage {stage}; "
+                f"expected ({images.shape[0]},), one per image."
+            )
+    checked = []
+    for reward in rewards:
+        bad = ~torch.isfinite(reward)
+        if bad.any():
+            if not drop_nonfinite:
+                raise ValueError(
+                    f"reward_function {name} returned non-finite rewards (NaN/inf) at stage {stage}: "
+                    f"{reward.tolist()}. Fix the reward, or set drop_nonfinite_rewards=True to drop such samples."
+                )
+            logger.warning(f"Stage {stage}: dropping {int(bad.sum())} samples with non-finite rewards from {name}.")
+            reward = reward.masked_fill(bad, float("nan"))
+        checked.append(reward)
+    return checked
+
+
+def reward_components(rewards_metadata) -> dict[str, float]:
+    """Means of each part a composite reward reports in ``metadata["components"]``, as ``reward/<part>``."""
+    parts = defaultdict(list)
+    for metadata in rewards_metadata:
+        if isinstance(metadata, dict) and isinstance(metadata.get("components"), dict):
+            for name, values in metadata["components"].items():
+                parts[name].append(torch.as_tensor(values, dtype=torch.float32).reshape(-1).cpu())
+    values = {name: torch.cat(v) for name, v in parts.items()}
+    # a part may have no values this stage (e.g. a relation score when no prompt had a relation)
+    return {f"reward/{name}": float(v.mean()) for name, v in values.items() if v.numel()}
