@@ -1,12 +1,25 @@
-"""Tiny Stable Diffusion pipelines built from configs, for tests and smoke runs (random weights, no downloads)."""
+"""Stable Diffusion pipelines built from configs (random weights, no downloads), in one place.
+
+- [`build_tiny_pipeline`]: small enough for CPU tests;
+- [`build_sd15_pipeline`]: Stable Diffusion 1.5's architecture (or its layout at narrow width), for the cost
+  benchmark;
+- [`build_toy_components`]: the architecture of the shipped toy-world model, which ``b2trl.toy.pretrain``
+  trains from scratch.
+
+Importing this module imports only torch; diffusers and transformers are imported by the builders.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Optional
 
 import torch
+
+# ids of the special tokens of the character tokenizer below (after its 2 x 256 byte tokens)
+_CHAR_BOS, _CHAR_EOS = 512, 513
 
 
 def _byte_alphabet() -> list[str]:
@@ -35,6 +48,41 @@ def write_char_tokenizer(folder: str, model_max_length: int = 16) -> None:
         json.dump({"model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer"}, f)
 
 
+def char_tokenizer(model_max_length: int = 16):
+    """A `CLIPTokenizer` over single characters (see [`write_char_tokenizer`]), loaded from a temporary folder."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_char_tokenizer(folder, model_max_length)
+        return CLIPTokenizer.from_pretrained(folder)
+
+
+def ddim_scheduler():
+    """Stable Diffusion 1.x's noise schedule (scaled-linear betas 0.00085-0.012, 1000 steps) with DDIM sampling."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def assemble_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler):
+    """A `StableDiffusionPipeline` of the given parts, without safety checker or feature extractor."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_tiny_pipeline(
     output_dir: Optional[str] = None,
     *,
@@ -52,9 +100,10 @@ def build_tiny_pipeline(
     Returns:
         The `diffusers.StableDiffusionPipeline`.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
+    # the modules are created in this order after the seed, so a seed always gives the same weights
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
@@ -81,36 +130,123 @@ def build_tiny_pipeline(
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=514,
+            vocab_size=_CHAR_EOS + 1,
             hidden_size=16,
             intermediate_size=32,
             num_hidden_layers=1,
             num_attention_heads=2,
             max_position_embeddings=model_max_length,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
+            bos_token_id=_CHAR_BOS,
+            eos_token_id=_CHAR_EOS,
+            pad_token_id=_CHAR_EOS,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_char_tokenizer(tmp, model_max_length)
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    tokenizer = char_tokenizer(model_max_length)
+    pipe = assemble_pipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=ddim_scheduler()
     )
     if output_dir is not None:
         pipe.save_pretrained(output_dir)
     return pipe
+
+
+def build_sd15_pipeline(resolution: int = 512, tiny_width: bool = False, seed: int = 0):
+    """
+    A `StableDiffusionPipeline` with Stable Diffusion 1.5's architecture and random weights (no download): its
+    UNet has SD1.5's 859.5 M parameters, the text encoder is a 12-layer CLIP of width 768 over 77 positions.
+
+    Build it under ``torch.device("cuda")`` to initialise the weights on the GPU (seconds faster), or under
+    ``torch.device("meta")`` for the architecture alone.
+
+    Args:
+        resolution (`int`, *optional*, defaults to `512`): image side in pixels (latents are 8 times smaller).
+        tiny_width (`bool`, *optional*, defaults to `False`):
+            Keep the layout (4 UNet levels, 4 VAE levels, CLIP text encoder) at narrow channels and a 2-layer text
+            encoder, so that the same code path runs in seconds on a CPU.
+        seed (`int`, *optional*, defaults to `0`): seed of the random weights.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_dim, max_length = (64, 16) if tiny_width else (768, 77)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8,
+        cross_attention_dim=text_dim,
+        attention_head_dim=8,
+        **(dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1) if tiny_width else {}),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64) if tiny_width else (128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1 if tiny_width else 2,
+        latent_channels=4,
+        sample_size=resolution,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,  # SD1.5's vocabulary; the character tokenizer uses its first 514 ids
+            hidden_size=text_dim,
+            intermediate_size=4 * text_dim,
+            num_hidden_layers=2 if tiny_width else 12,
+            num_attention_heads=4 if tiny_width else 12,
+            max_position_embeddings=max_length,
+            hidden_act="quick_gelu",
+            bos_token_id=_CHAR_BOS,
+            eos_token_id=_CHAR_EOS,
+            pad_token_id=_CHAR_EOS,
+        )
+    )
+    return assemble_pipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=char_tokenizer(max_length), unet=unet, scheduler=ddim_scheduler()
+    )
+
+
+def build_toy_components(tokenizer):
+    """
+    The shipped toy-world model's architecture with random weights: ``(vae, unet, text_encoder, scheduler)`` for
+    `tokenizer` (its vocabulary size, special tokens and ``model_max_length``). 32x32 images, 8x8x4 latents;
+    ``b2trl.toy.pretrain`` trains these from scratch and ``b2trl/toy/model/README.md`` describes them.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 96),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return vae, unet, text_encoder, ddim_scheduler()

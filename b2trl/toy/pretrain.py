@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+# the architecture is built where the other config-built pipelines are, so tests build it without training it
+from ..testing import assemble_pipeline, build_toy_components
 from .reward import alignment_reward, score_attributes
 from .world import COLOURS, RELATIONS, SHAPES, render, sample_train_prompts, train_prompts
 
@@ -98,76 +100,6 @@ def tokenize(tokenizer, prompts) -> torch.Tensor:
     return tokenizer(
         list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-
-
-# ----------------------------------------------------------------------------------------------- models
-def make_models(vocab_size: int, tokenizer):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 96),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        cross_attention_dim=64,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH,
-            projection_dim=64,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    return vae, unet, text_encoder, scheduler
-
-
-def build_pipeline(vae, unet, text_encoder, tokenizer, scheduler):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 def _to_model(images: np.ndarray) -> torch.Tensor:
@@ -255,7 +187,9 @@ def train_unet(vae, unet, text_encoder, tokenizer, scheduler, args, rng, log):
     snr = acp / (1 - acp)
     weight = torch.clamp((1 + snr) / snr, max=args.snr_weight_max)
     eval_prompts = train_prompts()
-    pipe = build_pipeline(vae, ema_unet, ema_text, tokenizer, copy.deepcopy(scheduler))
+    pipe = assemble_pipeline(
+        vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet, scheduler=copy.deepcopy(scheduler)
+    )
     pipe.set_progress_bar_config(disable=True)
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -349,7 +283,7 @@ def main(argv=None):
     start = time.time()
 
     tokenizer = build_tokenizer(os.path.join(args.output_dir, "tokenizer_build"), seed=args.seed)
-    vae, unet, text_encoder, scheduler = make_models(len(tokenizer), tokenizer)
+    vae, unet, text_encoder, scheduler = build_toy_components(tokenizer)
     for name, m in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
         log[f"{name}_params"] = sum(q.numel() for q in m.parameters())
     print({k: v for k, v in log.items() if k.endswith("_params")}, "vocab", len(tokenizer), flush=True)
@@ -370,7 +304,7 @@ def main(argv=None):
         ema_unet.load_state_dict(state["unet"])
         ema_text.load_state_dict(state["text_encoder"])
         log["picked"] = picks[args.pick]
-    pipe = build_pipeline(vae, ema_unet, ema_text, tokenizer, scheduler)
+    pipe = assemble_pipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet, scheduler=scheduler)
     pipe.save_pretrained(os.path.join(args.output_dir, "pipeline"), safe_serialization=True)
     # Keep vocab.json / merges.txt for transformers 4 next to what save_pretrained wrote.
     for name in ("vocab.json", "merges.txt"):
