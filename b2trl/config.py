@@ -56,6 +56,10 @@ class B2DiffuRLConfig(DDPOConfig):
         compile_unet_kwargs (`dict`, *optional*, defaults to `{}`):
             Keyword arguments for `torch.compile` when `compile_unet` is set (`mode`, `backend`, `dynamic`,
             `fullgraph`, `options`).
+        resolution (`int` or `None`, *optional*, defaults to `None`):
+            Image height and width in pixels; `None` uses the model's own size.
+        gradient_checkpointing (`bool`, *optional*, defaults to `False`):
+            Recompute the denoiser's activations during the backward pass (less memory, slower training).
         train_timesteps_per_forward (`int`, *optional*, defaults to `1`):
             Interval steps of a training micro-batch stacked into one UNet forward and backward pass. The gradient
             is the same; activation memory grows with it, and so does throughput on a GPU with memory to spare.
@@ -100,6 +104,21 @@ class B2DiffuRLConfig(DDPOConfig):
         metadata={
             "help": "Drop samples whose reward is NaN/inf (with a warning; counted as rewards_dropped) instead "
             "of stopping with an error."
+        },
+    )
+
+    resolution: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Image height and width in pixels (a multiple of the VAE's scale factor, usually 8). Default: "
+            "the model's own (512 for SD1.5, 1024 for SDXL)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute the denoiser's activations in the backward pass instead of storing them: much less "
+            "training memory (SDXL at 1024 px needs it on most GPUs) for about a third more training time."
         },
     )
 
@@ -187,6 +206,8 @@ class B2DiffuRLConfig(DDPOConfig):
         if self.rollout_chunk_size is not None:
             positive("rollout_chunk_size")
         positive("train_timesteps_per_forward")
+        if self.resolution is not None:
+            positive("resolution", 8)
         if not isinstance(self.compile_unet_kwargs, dict):
             kind = type(self.compile_unet_kwargs).__name__
             errors.append(f"compile_unet_kwargs must be a dict of torch.compile arguments, got {kind}.")

@@ -104,6 +104,7 @@ def branch_rollout(
     chunk_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     latents: Optional[torch.Tensor] = None,
+    image_size: Optional[tuple[int, int]] = None,
 ) -> BranchRollout:
     """
     Sample `num_branches` images per prompt that share their first `branch_point` denoising steps.
@@ -121,6 +122,8 @@ def branch_rollout(
         chunk_size (`int`, *optional*): at most this many rows per denoiser/VAE call, to bound memory.
         generator (`torch.Generator`, *optional*): source of the initial noise and of every step's noise.
         latents (`torch.Tensor`, *optional*): ``(B, C, h, w)`` initial noise, drawn if not given.
+        image_size (`tuple[int, int]`, *optional*): ``(height, width)`` in pixels of the drawn noise's images;
+            defaults to the model's own size.
 
     Returns:
         [`BranchRollout`]
@@ -135,7 +138,7 @@ def branch_rollout(
     device = next(iter(conditioning.cond.values())).device
     timesteps = sampler.timesteps(scheduler, num_inference_steps, device)
     if latents is None:
-        shape = family.latent_shape(pipeline, batch)
+        shape = family.latent_shape(pipeline, batch, image_size or family.image_size(pipeline))
         noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         latents = (noise * sampler.initial_noise_sigma(scheduler)).to(denoiser.dtype)
     denoise = dict(guidance_scale=guidance_scale, generator=generator)

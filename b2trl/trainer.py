@@ -103,10 +103,11 @@ class B2DiffuRLTrainer(DDPOTrainer):
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         optimizer = self._setup_optimizer(params)
+        self.image_size = self.family.image_size(self.sd_pipeline.sd_pipeline, config.resolution)
         with torch.no_grad():
             # the unconditional half of guidance, encoded once (one row; expanded per batch)
             self.negative_conditioning = self.family.encode_negative(
-                self.sd_pipeline.sd_pipeline, config.negative_prompts or "", self.accelerator.device
+                self.sd_pipeline.sd_pipeline, config.negative_prompts or "", self.accelerator.device, self.image_size
             )
         self.autocast = self.sd_pipeline.autocast or self.accelerator.autocast
 
@@ -118,6 +119,8 @@ class B2DiffuRLTrainer(DDPOTrainer):
             # train through the prepared module so that DDP sees the forward and all-reduces gradients
             self.training_denoiser, self.optimizer = self.accelerator.prepare(trainable, optimizer)
             self.trainable_params = [p for p in self.training_denoiser.parameters() if p.requires_grad]
+        if config.gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
         if config.compile_unet:
             from .pipeline import compile_unet
 
@@ -338,7 +341,9 @@ class B2DiffuRLTrainer(DDPOTrainer):
     def encode(self, prompts) -> Conditioning:
         """The conditioning of `prompts`, with the unconditional half when `train_cfg` (guidance) is on."""
         with torch.no_grad():
-            cond = self.family.encode_prompts(self.sd_pipeline.sd_pipeline, list(prompts), self.accelerator.device)
+            cond = self.family.encode_prompts(
+                self.sd_pipeline.sd_pipeline, list(prompts), self.accelerator.device, self.image_size
+            )
         uncond = None
         if self.config.train_cfg:
             n = len(prompts)
@@ -369,6 +374,7 @@ class B2DiffuRLTrainer(DDPOTrainer):
                     num_branches=n,
                     guidance_scale=config.sample_guidance_scale,
                     chunk_size=config.rollout_chunk_size,
+                    image_size=self.image_size,
                 )
             samples.append(
                 {

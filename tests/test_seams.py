@@ -187,3 +187,30 @@ def test_every_stage_reports_its_phase_timings(tiny_model_dir):
         assert isinstance(stats[f"time/{phase}"], float) and stats[f"time/{phase}"] > 0
     assert stats["time/sampling"] + stats["time/training"] > stats["time/rewards"]
     assert np.isfinite(stats["loss"])
+
+
+def test_resolution_sets_the_image_size_and_is_checked(tiny_model_dir):
+    trainer = make_trainer(tiny_model_dir, resolution=24)
+    assert trainer.image_size == (24, 24)
+    _, batches = trainer._generate_samples(iterations=1, batch_size=1, branch_point=4)
+    assert batches[0].images.shape[-2:] == (24, 24)
+    assert make_trainer(tiny_model_dir).image_size == (16, 16)  # the tiny model's own: 8 latent px x factor 2
+    with pytest.raises(ValueError, match="multiple of the VAE's scale factor 2, got 25"):
+        make_trainer(tiny_model_dir, resolution=25)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
+    grads = []
+    for checkpointing in (False, True):
+        trainer = make_trainer(tiny_model_dir, gradient_checkpointing=checkpointing)
+        assert trainer.denoiser.is_gradient_checkpointing == checkpointing
+        torch.manual_seed(0)
+        samples, _ = trainer._generate_samples(iterations=1, batch_size=2, branch_point=3)
+        sample = samples[0]
+        trainer.training_denoiser.train()
+        batch = {**sample, "advantages": torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -2.0])}
+        out = trainer.micro_batch_loss(batching.stack_steps(batch, slice(0, 3)))
+        out.loss.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in trainer.trainable_params]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert grads[0].abs().sum() > 0

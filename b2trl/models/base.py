@@ -109,13 +109,13 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ conditioning and prediction
 
-    def encode_prompts(self, pipe, prompts: list[str], device) -> dict[str, torch.Tensor]:
-        """The denoiser's conditioning tensors for `prompts`, one row each."""
+    def encode_prompts(self, pipe, prompts: list[str], device, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The denoiser's conditioning tensors for `prompts`, one row each, for images of `image_size` (h, w)."""
         raise NotImplementedError
 
-    def encode_negative(self, pipe, negative_prompt: str, device) -> dict[str, torch.Tensor]:
+    def encode_negative(self, pipe, negative_prompt: str, device, image_size: tuple[int, int]) -> dict:
         """The unconditional half's tensors for one row (the trainer expands them to a batch)."""
-        return self.encode_prompts(pipe, [negative_prompt], device)
+        return self.encode_prompts(pipe, [negative_prompt], device, image_size)
 
     def forward(self, denoiser, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         """One call of the denoiser on a batch of rows; returns its prediction."""
@@ -135,8 +135,27 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ latents and images
 
-    def latent_shape(self, pipe, batch_size: int) -> tuple[int, ...]:
-        raise NotImplementedError
+    def image_size(self, pipe, resolution: Optional[int] = None) -> tuple[int, int]:
+        """
+        ``(height, width)`` in pixels: `resolution` square if given (checked against the VAE's scale factor),
+        else the size the denoiser was configured for.
+        """
+        factor = int(getattr(pipe, "vae_scale_factor", 8))
+        if resolution is not None:
+            if resolution < factor or resolution % factor:
+                raise ValueError(
+                    f"resolution must be a positive multiple of the VAE's scale factor {factor}, got {resolution}."
+                )
+            return (resolution, resolution)
+        size = getattr(pipe, self.denoiser_name).config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (height * factor, width * factor)
+
+    def latent_shape(self, pipe, batch_size: int, image_size: tuple[int, int]) -> tuple[int, ...]:
+        """Shape of the initial noise for `batch_size` images of `image_size` pixels."""
+        factor = int(getattr(pipe, "vae_scale_factor", 8))
+        channels = getattr(pipe, self.denoiser_name).config.in_channels
+        return (batch_size, channels, image_size[0] // factor, image_size[1] // factor)
 
     def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
         """Decode latents to images in ``[0, 1]`` (float32)."""

@@ -23,7 +23,7 @@ class StableDiffusionFamily(ModelFamily):
 
         return DDIMSampler(config.sample_eta)
 
-    def encode_prompts(self, pipe, prompts, device):
+    def encode_prompts(self, pipe, prompts, device, image_size=None):
         tokenizer = pipe.tokenizer
         ids = tokenizer(
             list(prompts),
@@ -36,12 +36,6 @@ class StableDiffusionFamily(ModelFamily):
 
     def forward(self, denoiser, latents, timesteps, cond):
         return denoiser(latents, timesteps, cond["encoder_hidden_states"]).sample
-
-    def latent_shape(self, pipe, batch_size):
-        config = pipe.unet.config
-        size = config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return (batch_size, config.in_channels, height, width)
 
     def decode(self, pipe, latents):
         vae = pipe.vae
