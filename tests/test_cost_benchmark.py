@@ -67,8 +67,10 @@ def test_counts_follow_each_methods_structure(cost, tmp_path):
 
 
 def test_sd15_shaped_pipeline_has_sd15_sizes_and_its_tiny_variant_runs(cost):
+    from b2trl.testing import build_sd15_pipeline
+
     with torch.device("meta"):  # the architecture without allocating a billion parameters
-        pipe = cost.build_sd15_random()
+        pipe = build_sd15_pipeline()
 
     def count(module):
         return sum(p.numel() for p in module.parameters())

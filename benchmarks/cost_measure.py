@@ -1,0 +1,332 @@
+"""The cost benchmark's measurements: the two trainers as `cost.py` configures them, and one step of each (or of
+plain diffusers sampling) with its UNet rows, VAE decode rows, phase times and peak memory."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import tempfile
+import threading
+import time
+from collections import Counter
+
+import common
+import torch
+
+from b2trl.prompts import ANIMAL_ACTIVITY_PROMPTS
+
+METHODS = ("b2", "ddpo", "plain")
+# the report's keys for the phases (``time/<phase>`` in the trainer's stage statistics)
+PHASE_KEYS = {"sampling": "sampling", "rewards": "reward", "training": "training"}
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def model_pipeline(args):
+    """The model both trainers start from (LoRA rank 4 on the attention projections): the toy model, or with
+    `--sd15-random` an SD1.5-shaped pipeline with random weights."""
+    if args.sd15_random:
+        from b2trl.models import wrap_pipeline
+        from b2trl.testing import build_sd15_pipeline
+
+        with torch.device(args.device):  # initialising a billion random weights is seconds faster on a GPU
+            pipeline = build_sd15_pipeline(args.resolution, args.tiny_width, args.seed)
+        return wrap_pipeline(pipeline, use_lora=True)
+    return common.toy_pipeline()
+
+
+def make_reward(args):
+    if args.reward == "toy_alignment":
+        from b2trl.toy import alignment_reward
+
+        return alignment_reward
+    if args.reward == "brightness":
+        return lambda images, prompts, metadata: (torch.nan_to_num(images.float()).mean(dim=(1, 2, 3)), {})
+    return common.random_reward(args.seed)
+
+
+def make_prompt_fn(args):
+    if args.sd15_random:
+        return common.seeded_prompts(ANIMAL_ACTIVITY_PROMPTS, args.seed)
+    from b2trl.toy import train_prompts
+
+    return common.seeded_prompts(train_prompts(), args.seed)
+
+
+def build_b2_trainer(args, logdir):
+    from b2trl import B2DiffuRLConfig, B2DiffuRLTrainer, IntervalSchedule
+
+    common.reset_accelerate_state()
+    config = B2DiffuRLConfig(
+        num_epochs=args.repeats,
+        sample_num_steps=args.num_steps,
+        sample_batch_size=args.prompts,
+        sample_num_batches_per_epoch=args.batches,
+        num_branches=args.branches,
+        sample_guidance_scale=args.guidance_scale,
+        train_batch_size=args.train_batch_size,
+        train_gradient_accumulation_steps=1,
+        train_num_inner_epochs=args.inner_epochs,
+        train_timesteps_per_forward=args.timesteps_per_forward,
+        interval_schedule=IntervalSchedule(initial_length=args.interval, milestones=[]),  # L stays fixed
+        mixed_precision=args.mixed_precision,
+        save_freq=0,
+        logdir=logdir,
+        seed=args.seed,
+    )
+    return B2DiffuRLTrainer(config, make_reward(args), make_prompt_fn(args), model_pipeline(args))
+
+
+def build_ddpo_trainer(args, logdir):
+    from trl import DDPOConfig
+
+    common.reset_accelerate_state()
+    images = args.prompts * args.branches * args.batches
+    config = DDPOConfig(
+        num_epochs=args.repeats,
+        sample_num_steps=args.num_steps,
+        sample_eta=1.0,
+        sample_guidance_scale=args.guidance_scale,
+        sample_batch_size=args.ddpo_sample_batch_size,
+        sample_num_batches_per_epoch=images // args.ddpo_sample_batch_size,
+        train_batch_size=args.train_batch_size,
+        train_gradient_accumulation_steps=1,
+        train_num_inner_epochs=args.inner_epochs,
+        train_timestep_fraction=1.0,
+        mixed_precision=args.mixed_precision,
+        save_freq=10**9,
+        logdir=logdir,
+        seed=args.seed,
+    )
+    return common.quiet_ddpo_trainer(config, make_reward(args), make_prompt_fn(args), model_pipeline(args))
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+class CostMeter:
+    """
+    Counts UNet and VAE-decoder rows and measures wall time and peak memory, per named phase.
+
+    Phases nest (a whole step, and sampling/rewards/training inside it); rows are charged to the innermost.
+    """
+
+    def __init__(self, unet, vae, device: str):
+        self.cuda = device == "cuda"
+        self.stack: list[str] = []
+        self.unet_rows, self.unet_calls, self.vae_rows = Counter(), Counter(), Counter()
+        self.seconds, self.peak = Counter(), {}
+        self._handles = [
+            unet.register_forward_pre_hook(self._count(self.unet_rows, self.unet_calls), with_kwargs=True),
+            vae.decoder.register_forward_pre_hook(self._count(self.vae_rows, Counter()), with_kwargs=True),
+        ]
+        self._stop = threading.Event()
+        self._sampler = None
+        if not self.cuda:
+            import psutil
+
+            self._process = psutil.Process()
+            self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
+            self._sampler.start()
+
+    def _count(self, rows, calls):
+        def hook(module, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            phase = self.stack[-1] if self.stack else "outside"
+            rows[phase] += int(sample.shape[0])
+            calls[phase] += 1
+
+        return hook
+
+    def _memory(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.cuda else self._process.memory_info().rss
+
+    def _sample_rss(self):
+        while not self._stop.wait(0.005):
+            self._note(self._process.memory_info().rss)
+
+    def _note(self, value: int):
+        for name in list(self.stack):
+            self.peak[name] = max(self.peak.get(name, 0), value)
+
+    def reset(self):
+        for counter in (self.unet_rows, self.unet_calls, self.vae_rows, self.seconds):
+            counter.clear()
+        self.peak.clear()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._note(torch.cuda.max_memory_allocated())  # what the enclosing phases reached so far
+            torch.cuda.reset_peak_memory_stats()
+        self.stack.append(name)
+        self._note(self._memory())
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - start
+            self._note(self._memory())
+            self.stack.pop()
+
+    def close(self):
+        self._stop.set()
+        for handle in self._handles:
+            handle.remove()
+
+
+def warm_up(pipeline, conditioning: dict, sampling_rows, training_rows, autocast):
+    """
+    First calls allocate memory and pick kernels; make them before anything is timed (weights unchanged).
+    `conditioning` holds the denoiser's conditioning tensors for one row, expanded to each call's rows.
+    """
+    from b2trl.models import family_for_pipeline
+
+    family = family_for_pipeline(pipeline)
+    denoiser = getattr(pipeline, family.denoiser_name)
+    device = next(iter(conditioning.values())).device
+    image_size = family.image_size(pipeline)
+
+    def inputs(rows):
+        latents = torch.randn(family.latent_shape(pipeline, rows, image_size), device=device, dtype=denoiser.dtype)
+        cond = {k: v.expand(rows, *v.shape[1:]) for k, v in conditioning.items()}
+        return latents, torch.full((rows,), 500, device=device), cond
+
+    with torch.no_grad(), autocast():
+        for rows in sampling_rows:
+            family.forward(denoiser, *inputs(rows))
+        family.decode(pipeline, inputs(1)[0])
+    if training_rows:
+        was_training = denoiser.training
+        denoiser.train()
+        with autocast():
+            family.forward(denoiser, *inputs(training_rows)).float().mean().backward()
+        denoiser.zero_grad(set_to_none=True)
+        denoiser.train(was_training)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_method(method: str, args) -> dict:
+    """Run one B² stage or one DDPO epoch (or plain sampling) and return its counts, times and memory."""
+    torch.manual_seed(args.seed)
+    if method == "plain":
+        return measure_plain(args)
+    with tempfile.TemporaryDirectory() as logdir:
+        if method == "b2":
+            trainer = build_b2_trainer(args, logdir)
+            negative = trainer.negative_conditioning
+            b = args.num_steps - args.interval
+            sampling_rows = [2 * args.prompts] * (b > 0) + [2 * args.prompts * args.branches]
+        else:
+            trainer = build_ddpo_trainer(args, logdir)
+            negative = {"encoder_hidden_states": trainer.neg_prompt_embed}
+            sampling_rows = [2 * args.ddpo_sample_batch_size]
+        pipeline = trainer.sd_pipeline
+        warm_up(pipeline, negative, sampling_rows, 2 * args.train_batch_size, trainer.autocast)
+        meter = CostMeter(pipeline.unet, pipeline.vae, args.device)
+        common.run_in_phases(trainer, meter.phase)
+        global_step = 0
+        try:
+            for epoch in range(args.repeats):
+                meter.reset()
+                with meter.phase("step"):
+                    global_step = trainer.step(epoch, global_step)
+        finally:
+            meter.close()
+        images = args.prompts * args.branches * args.batches
+        if method == "b2":
+            stats = trainer.last_stage_stats
+            result = summarise_meter(meter, method, stage_stats=stats)
+            result.update(
+                samples_kept=stats["samples_kept"],
+                groups_kept=stats["groups_kept"],
+                interval_length=stats["interval_length"],
+                branch_point=stats["branch_point"],
+                transitions_trained=stats["samples_kept"] * stats["interval_length"] * args.inner_epochs,
+                reward_mean=stats["reward_mean"],
+            )
+        else:
+            result = summarise_meter(meter, method)
+            result.update(
+                interval_length=trainer.num_train_timesteps,
+                transitions_trained=images * trainer.num_train_timesteps * args.inner_epochs,
+            )
+        result["images"] = images
+        result["optimizer_steps"] = global_step
+    return derive_rates(result)
+
+
+def measure_plain(args) -> dict:
+    """diffusers' own `StableDiffusionPipeline.__call__` (no log-probs), for a same-run anchor."""
+    pipeline = model_pipeline(args)
+    sd = pipeline.sd_pipeline
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    sd.to(args.device, dtype=dtype)
+    sd.set_progress_bar_config(disable=True)
+    batch = args.plain_batch_size
+    images = args.prompts * args.branches * args.batches
+    prompts = [ANIMAL_ACTIVITY_PROMPTS[i % len(ANIMAL_ACTIVITY_PROMPTS)] for i in range(batch)]
+    call = dict(num_inference_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=1.0, output_type="pt")
+    with torch.no_grad():
+        embeds, negative = sd.encode_prompt(prompts, args.device, 1, True)
+    warm_up(pipeline, {"encoder_hidden_states": negative[:1]}, [2 * batch], None, contextlib.nullcontext)
+    meter = CostMeter(sd.unet, sd.vae, args.device)
+    try:
+        with meter.phase("step"), meter.phase("sampling"), torch.no_grad():
+            for _ in range(-(-images // batch)):
+                sd(prompt_embeds=embeds, negative_prompt_embeds=negative, **call)
+    finally:
+        meter.close()
+    result = summarise_meter(meter, "plain")
+    result.update(images=-(-images // batch) * batch, transitions_trained=0)
+    return derive_rates(result)
+
+
+def summarise_meter(meter: CostMeter, method: str, stage_stats: dict | None = None) -> dict:
+    """The meter's counts in the report's layout. Phase seconds come from `stage_stats` (a B²-DiffuRL stage's
+    ``time/<phase>``) when given, else from the meter (TRL's phases, plain sampling); the step total always from
+    the meter."""
+    if stage_stats is not None:
+        seconds = {key: stage_stats[f"time/{phase}"] for phase, key in PHASE_KEYS.items()}
+    else:
+        seconds = {key: meter.seconds.get(phase, 0.0) for phase, key in PHASE_KEYS.items()}
+    seconds["other"] = max(0.0, meter.seconds["step"] - sum(seconds.values()))
+    seconds["total"] = meter.seconds["step"]
+    memory_kind = "cuda max_memory_allocated" if meter.cuda else "cpu peak RSS (psutil, sampled every 5 ms)"
+    counted = {**PHASE_KEYS, "step": "step", "outside": "outside"}
+    return {
+        "method": method,
+        "unet_rows": {key: meter.unet_rows.get(phase, 0) for phase, key in counted.items()},
+        "unet_calls": {key: meter.unet_calls.get(phase, 0) for phase, key in counted.items()},
+        "vae_decode_rows": sum(meter.vae_rows.values()),
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        "peak_memory_bytes": {p: meter.peak.get(p) for p in ("step", "sampling", "training")},
+        "memory_kind": memory_kind,
+        "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def derive_rates(result: dict) -> dict:
+    seconds = result["seconds"]
+    result["images_per_s"] = result["images"] / seconds["sampling"] if seconds["sampling"] else None
+    trained = result["transitions_trained"]
+    result["transitions_per_s"] = trained / seconds["training"] if trained and seconds["training"] else None
+    result["seconds_per_image"] = seconds["total"] / result["images"]
+    return result
+
+
+def expected_unet_rows(args) -> dict:
+    """UNet rows the two methods must run, from the settings alone (CFG doubles every row)."""
+    images = args.prompts * args.branches * args.batches
+    prefix = args.num_steps - args.interval
+    return {
+        "b2_sampling": 2 * args.batches * (args.prompts * prefix + args.prompts * args.branches * args.interval),
+        "ddpo_sampling": 2 * images * args.num_steps,
+        "ddpo_training": 2 * images * args.num_steps * args.inner_epochs,
+        # B²'s training rows depend on how many samples the selection kept: 2 * kept * L * inner epochs
+    }
