@@ -2,8 +2,9 @@
 
     python -m b2trl.toy.evaluate [--lora PATH] [--seeds 0 1 2] [--split heldout|train] [--grid grid.png]
 
-Every (prompt, seed) pair gets its own ``torch.Generator`` (seeded from the seed and the prompt's index), so
-results do not depend on the batch size and a seed means the same starting noise before and after RL.
+Every (prompt, seed) pair gets its own ``torch.Generator`` (seeded from the seed and the prompt's index, see
+``b2trl.images.generate_images``), so results do not depend on the batch size and a seed means the same starting
+noise before and after RL.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ def _load(pipeline_or_path=None, lora_path=None):
     return pipe
 
 
-@torch.no_grad()
 def generate(
     pipe,
     prompts,
@@ -44,30 +44,17 @@ def generate(
     eta: float = 1.0,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Sample every prompt once per seed.
+    """Sample every prompt once per seed (see [`~b2trl.images.generate_images`] for how the noise is seeded).
 
     Returns:
         `torch.Tensor` of shape ``(len(seeds), len(prompts), 3, H, W)``, float32 in [0, 1], on the CPU.
     """
-    pipe = getattr(pipe, "sd_pipeline", pipe)
-    prompts = list(prompts)
-    out = []
-    for seed in seeds:
-        per_seed = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            gens = [torch.Generator().manual_seed(int(seed) * 100_003 + start + i) for i in range(len(chunk))]
-            images = pipe(
-                chunk,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                eta=eta,
-                generator=gens,
-                output_type="pt",
-            ).images
-            per_seed.append(images.float().cpu())
-        out.append(torch.cat(per_seed))
-    return torch.stack(out)
+    from ..images import generate_images
+
+    return generate_images(
+        pipe, prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+        batch_size=batch_size,
+    )
 
 
 def diversity(images: torch.Tensor) -> float:
@@ -157,8 +144,9 @@ def evaluate_alignment(
     return result
 
 
-def save_grid(images, path: str, nrow: int, labels=None, scale: int = 3, pad: int = 2):
-    """Save images as a PNG grid, ``nrow`` images per row, with optional text labels left of each row.
+def save_grid(images, path: str, nrow: int, labels=None, scale: int = 3, pad: int = 2, column_labels=None):
+    """Save images as a PNG grid, ``nrow`` images per row, with optional text labels left of each row and above
+    each column.
 
     Args:
         images: ``(N, 3, H, W)`` tensor or array in [0, 1] (or ``(S, P, 3, H, W)`` seeds × prompts, which is laid
@@ -167,13 +155,14 @@ def save_grid(images, path: str, nrow: int, labels=None, scale: int = 3, pad: in
         nrow (`int`): images per row.
         labels (`list[str]`, *optional*): one label per row.
         scale (`int`): nearest-neighbour upscaling factor.
+        column_labels (`list[str]`, *optional*): one label per column (e.g. ``"base · seed 0"``).
     """
     from ..images import image_grid
 
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).float().cpu()
     if x.ndim == 5:  # (S, P, ...) -> prompt-major
         x = x.transpose(0, 1).reshape(-1, *x.shape[2:])
-    image_grid(x, nrow, row_labels=labels, scale=scale, pad=pad).save(path)
+    image_grid(x, nrow, row_labels=labels, scale=scale, pad=pad, column_labels=column_labels).save(path)
     return path
 
 
@@ -203,7 +192,8 @@ def main(argv=None):
         return_images=args.grid is not None,
     )
     if args.grid:
-        save_grid(res.pop("images"), args.grid, nrow=len(args.seeds), labels=prompts)
+        save_grid(res.pop("images"), args.grid, nrow=len(args.seeds), labels=prompts,
+                  column_labels=[f"seed {s}" for s in args.seeds])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
