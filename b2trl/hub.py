@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Mapping, Optional, Sequence
 
 CITATION = """@inproceedings{hu2025towards,
   title     = {Towards Better Alignment: Training Diffusion Models with Reinforcement Learning Against Sparse Rewards},
@@ -46,6 +46,138 @@ def _reward_name(reward_fn) -> str:
     return name or type(reward_fn).__name__
 
 
+def _pipeline_class_name(trainer) -> str:
+    family = getattr(trainer.sd_pipeline, "family", None)
+    return getattr(family, "pipeline_class_name", None) or "StableDiffusionPipeline"
+
+
+def save_samples(
+    save_directory: str,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    images: Mapping[str, Any],
+    subfolder: str = "samples",
+    min_size: int = 128,
+) -> list[dict]:
+    """
+    Save sample images beside exported weights (so that they are pushed with them) for [`build_model_card`].
+
+    Args:
+        save_directory (`str`): the export folder (what `trainer.save_pretrained` wrote).
+        prompts (`Sequence[str]`): the prompts, one per column of the images.
+        seeds (`Sequence[int]`): the seeds, one per row of the images.
+        images (`Mapping[str, torch.Tensor]`): per model (e.g. ``"base"``, ``"trained"``), a tensor
+            ``(len(seeds), len(prompts), 3, H, W)`` in [0, 1].
+        subfolder (`str`, *optional*, defaults to `"samples"`): where the PNGs go inside `save_directory`.
+        min_size (`int`, *optional*, defaults to `128`): smaller images are enlarged (nearest neighbour) to at
+            least this size, so that a model card shows them at a readable size.
+
+    Returns:
+        `list[dict]`: one record per image, with ``model``, ``prompt``, ``seed`` and ``path`` (relative to
+        `save_directory`).
+    """
+    import torch
+    from PIL import Image
+
+    os.makedirs(os.path.join(save_directory, subfolder), exist_ok=True)
+    records = []
+    for model, batch in images.items():
+        batch = torch.as_tensor(batch).detach().float().cpu().clamp(0, 1)
+        if tuple(batch.shape[:2]) != (len(seeds), len(prompts)):
+            raise ValueError(
+                f"save_samples: images[{model!r}] has shape {tuple(batch.shape)}; expected "
+                f"({len(seeds)}, {len(prompts)}, 3, H, W) for {len(seeds)} seeds and {len(prompts)} prompts."
+            )
+        for i, seed in enumerate(seeds):
+            for j, prompt in enumerate(prompts):
+                tile = (batch[i, j] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                picture = Image.fromarray(tile)
+                factor = -(-min_size // max(picture.size))  # ceil: never shrink
+                if factor > 1:
+                    picture = picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
+                path = f"{subfolder}/{model}_{j}_seed{seed}.png"
+                picture.save(os.path.join(save_directory, path))
+                records.append({"model": model, "prompt": prompt, "seed": int(seed), "path": path})
+    return records
+
+
+def sample_for_card(pipeline, prompts: Sequence[str], seeds: Sequence[int], config, device=None):
+    """
+    A few images with fixed seeds for the model card, sampled as the run's rollout samples (its steps, eta, and
+    classifier-free guidance only with `train_cfg`). Call it before and after training for a comparison on the
+    same noise.
+
+    Args:
+        pipeline: a diffusers pipeline or a training pipeline holding one as ``sd_pipeline``.
+        prompts (`Sequence[str]`): the prompts.
+        seeds (`Sequence[int]`): one image per prompt and seed.
+        config ([`B2DiffuRLConfig`]): the run's configuration.
+        device (`torch.device`, *optional*): where to sample (the pipeline is moved there).
+
+    Returns:
+        `torch.Tensor` ``(len(seeds), len(prompts), 3, H, W)`` in [0, 1], on the CPU.
+    """
+    from .images import generate_images
+
+    pipe = getattr(pipeline, "sd_pipeline", pipeline)
+    if device is not None:
+        pipe.to(device)
+    return generate_images(
+        pipe, prompts, seeds, num_inference_steps=config.sample_num_steps, eta=config.sample_eta,
+        guidance_scale=config.sample_guidance_scale if config.train_cfg else 1.0,
+        negative_prompt=(config.negative_prompts or None) if config.train_cfg else None,
+    )
+
+
+def reward_evaluation(reward_fn, images: Mapping[str, Any], prompts: Sequence[str], label: str, device=None) -> dict:
+    """
+    The reward's mean over each model's ``(seeds, prompts, 3, H, W)`` images, as a row of [`build_model_card`]'s
+    evaluation table: ``{label: {model: mean}}``.
+    """
+    import torch
+
+    row = {}
+    for model, batch in images.items():
+        flat = torch.as_tensor(batch).reshape(-1, *batch.shape[2:])
+        flat = flat.to(device) if device is not None else flat
+        rewards, _ = reward_fn(flat, list(prompts) * batch.shape[0], [{}] * flat.shape[0])
+        row[model] = float(torch.as_tensor(rewards, dtype=torch.float32).mean())
+    return {label: row}
+
+
+def _samples_section(samples: Sequence[Mapping]) -> str:
+    columns = list(dict.fromkeys((s["model"], s["seed"]) for s in samples))
+    prompts = list(dict.fromkeys(s["prompt"] for s in samples))
+    path = {(s["prompt"], s["model"], s["seed"]): s["path"] for s in samples}
+    lines = [
+        "## Samples",
+        "",
+        "A seed is the same starting noise for every model, so columns with the same seed compare the models on "
+        "equal terms.",
+        "",
+        "| prompt | " + " | ".join(f"{model} · seed {seed}" for model, seed in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for prompt in prompts:
+        cells = [f"![{model}, seed {seed}]({path[prompt, model, seed]})" if (prompt, model, seed) in path else ""
+                 for model, seed in columns]
+        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _evaluation_section(evaluation: Mapping[str, Mapping[str, float]]) -> str:
+    models = list(dict.fromkeys(m for row in evaluation.values() for m in row))
+    show_change = models == ["base", "trained"]
+    header = "| | " + " | ".join(models) + (" | change |" if show_change else " |")
+    lines = ["## Evaluation", "", header, "| --- |" + " ---: |" * (len(models) + show_change)]
+    for label, row in evaluation.items():
+        cells = [f"{row[m]:.3f}" if m in row else "" for m in models]
+        if show_change:
+            cells.append(f"{row['trained'] - row['base']:+.3f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def build_model_card(
     trainer,
     *,
@@ -53,10 +185,25 @@ def build_model_card(
     reward_name: Optional[str] = None,
     repo_id: Optional[str] = None,
     extra_text: str = "",
+    samples: Optional[Sequence[Mapping]] = None,
+    evaluation: Optional[Mapping[str, Mapping[str, float]]] = None,
 ):
     """
     A `huggingface_hub.ModelCard` describing a B²-DiffuRL run: base model, reward, interval schedule, stages
-    trained, final mean reward, how to load the weights, and the paper.
+    trained, final mean reward, sample images and evaluation when given, how to load the weights, and the paper.
+
+    Args:
+        trainer ([`B2DiffuRLTrainer`]): the trainer after training.
+        base_model (`str`, *optional*): the base model's name; defaults to the pipeline's `pretrained_model`.
+        reward_name (`str`, *optional*): a readable reward name; defaults to the reward's `name` or function name.
+        repo_id (`str`, *optional*): the repository id the usage snippet loads from.
+        extra_text (`str`, *optional*, defaults to `""`): markdown added before the citation.
+        samples (`Sequence[Mapping]`, *optional*): images saved beside the weights, as [`save_samples`] returns
+            them (``model``, ``prompt``, ``seed``, ``path``); shown as a table, one column per model and seed, and
+            the trained model's images become the Hub widget's examples.
+        evaluation (`Mapping[str, Mapping[str, float]]`, *optional*): ``{measure: {model: value}}``, e.g.
+            ``{"held-out alignment": {"base": 0.865, "trained": 0.896}}``; shown as a table (with the change when
+            the models are ``base`` and ``trained``).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -75,19 +222,32 @@ def build_model_card(
     stats = getattr(trainer, "last_stage_stats", None) or {}
     stages = stats.get("stage", -1) + 1
     schedule = config.interval_schedule
+    pipeline_class = _pipeline_class_name(trainer)
+    samples = list(samples or [])
+    trained_samples = [s for s in samples if s["model"] == "trained"]
     data = ModelCardData(
         base_model=hub_base,
         library_name="diffusers",
         tags=TAGS + ([] if trainer.use_lora else ["full-fine-tune"]),
         pipeline_tag="text-to-image",
+        # what the Hub shows as the model's examples (diffusers' training scripts fill it the same way)
+        widget=[{"text": s["prompt"], "output": {"url": s["path"]}} for s in trained_samples] or None,
     )
     here = repo_id or "path/to/this/folder"
     if trainer.use_lora:
-        load = f'{base_import}pipe = StableDiffusionPipeline.from_pretrained({base_expr})\npipe.load_lora_weights("{here}")'
+        load = f'{base_import}pipe = {pipeline_class}.from_pretrained({base_expr})\npipe.load_lora_weights("{here}")'
     else:
-        load = f'pipe = StableDiffusionPipeline.from_pretrained("{here}")'
+        load = f'pipe = {pipeline_class}.from_pretrained("{here}")'
+    if samples:
+        example_prompt = samples[0]["prompt"]
+    else:
+        example_prompt = "a red circle left of a blue square" if is_toy else "a cat riding a bike"
 
     final_reward = f"{stats['reward_mean']:.4f}" if "reward_mean" in stats else "n/a"
+    sections = "".join("\n" + part for part in (
+        _samples_section(samples) if samples else "",
+        _evaluation_section(evaluation) if evaluation else "",
+    ) if part)
     text = f"""---
 {data.to_yaml()}
 ---
@@ -107,15 +267,15 @@ and branch-based sampling, arXiv 2503.11240) against the reward `{reward}`.
 | interval schedule | initial_length={schedule.initial_length}, num_stages={schedule.num_stages}, milestones={schedule.milestones} |
 | sampling | {config.sample_num_steps} DDIM steps, eta {config.sample_eta}, guidance {config.sample_guidance_scale} |
 | branches per prompt | {config.num_branches} (selection thresholds {config.selection_threshold_best} / {config.selection_threshold_worst}) |
-| optimisation | lr {config.train_learning_rate}, PPO clip {config.train_clip_range}, {config.train_num_inner_epochs} inner epochs |
-
+| optimisation | lr {config.train_learning_rate}, PPO clip {config.train_clip_range}, {config.train_num_inner_epochs} passes over the kept samples per stage |
+{sections}
 ## Usage
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline_class}
 
 {load}
-image = pipe("a red circle left of a blue square", num_inference_steps={config.sample_num_steps}).images[0]
+image = pipe("{example_prompt}", num_inference_steps={config.sample_num_steps}).images[0]
 ```
 {extra_text}
 ## Citation
