@@ -22,6 +22,9 @@ All settings are in `SETTINGS` at the top of this script; `--set BLOCK.KEY=VALUE
     python benchmarks/toy_study.py --report                         # only rebuild docs/study.md and its plots
     python benchmarks/toy_study.py --quick --output_dir outputs/quick  # CI-sized smoke run, report there too
 
+This file holds the settings and the driver; one (method, seed) run is `toy_study_runs.run_one`, the page is
+written by `toy_study_report.py`.
+
 Each finished run is written to `<output_dir>/runs/<method>_seed<k>.json` (its curve also to
 `<method>_seed<k>.partial.json` as it goes). A rerun skips finished runs whose settings are unchanged; a run
 whose settings changed is trained again (the old file is kept as `.json.stale`). An interrupted run starts
@@ -38,16 +41,15 @@ import gc
 import hashlib
 import json
 import os
-import platform
-import random
 import shlex
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+# the sibling modules import as top-level ones, whether this file runs as a script or is loaded by path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import toy_study_report as report  # noqa: E402
+from toy_study_runs import b2_config, images_per_stage, run_one  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("b2", "b2_n2", "b2_pairs", "b2_all", "ddpo", "b2_no_schedule", "b2_no_branching")
@@ -240,11 +242,6 @@ def resolve_method(settings: dict, method: str) -> dict:
     return resolved
 
 
-def images_per_stage(resolved: dict) -> int:
-    per_stage = resolved["sample_batch_size"] * resolved["sample_num_batches_per_epoch"]
-    return per_stage * (resolved.get("num_branches", 1) if resolved["trainer"] == "b2" else 1)
-
-
 def check_budget(study: dict, resolved: dict) -> None:
     """Every method must hit the same evaluation points: each one's images per stage divides both numbers."""
     budget, every = study["budget_images"], study["eval_every_images"]
@@ -274,17 +271,6 @@ def validate_configs(resolved: dict) -> None:
             raise SystemExit(f"error: settings of {method}: {err}") from err
 
 
-def eval_prompts(study: dict) -> list[str]:
-    from b2trl.toy import heldout_prompts
-
-    prompts = heldout_prompts()
-    n = study["eval_num_prompts"]
-    if n is None or n >= len(prompts):
-        return prompts
-    stride = len(prompts) // n  # spread over the list, which is ordered by template
-    return prompts[::stride][:n]
-
-
 def fingerprint(method_settings: dict, study: dict, seed: int) -> str:
     """What decides a run's result; a finished run is reused only if this matches."""
     decisive = {k: v for k, v in study.items() if k != "seeds"}
@@ -292,212 +278,7 @@ def fingerprint(method_settings: dict, study: dict, seed: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------------------ one run
-
-
-def _reset_accelerate():
-    # Runs share one process; each must start from a fresh accelerate state, as a new process would (the
-    # trainers' accelerators differ in gradient accumulation).
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def b2_config(values: dict):
-    from b2trl import B2DiffuRLConfig, IntervalSchedule
-
-    schedule = IntervalSchedule(**values.pop("interval_schedule", {}))
-    return B2DiffuRLConfig(**values, interval_schedule=schedule)
-
-
-def build_trainer(method_settings: dict, seed: int, num_stages: int, workdir: str):
-    """A fresh pipeline (LoRA) and trainer for one run; nothing is written under `workdir` (no checkpoints)."""
-    import torch
-
-    import b2trl.toy as toy
-    from b2trl import load_pipeline
-
-    _reset_accelerate()
-    values = {k: v for k, v in copy.deepcopy(method_settings).items() if k != "trainer"}
-    common = dict(seed=seed, num_epochs=num_stages, log_with=None, logdir=workdir, exp_name="toy_study",
-                  project_kwargs={"project_dir": workdir})
-    rng = random.Random(seed)
-    prompts = toy.train_prompts()
-
-    def prompt_fn():
-        return rng.choice(prompts), {}
-
-    torch.manual_seed(seed)  # the LoRA's random init
-    # TRL's own DefaultDDPOStableDiffusionPipeline for both trainers (load_pipeline also creates the accelerate
-    # state that TRL's pipeline and trainer log through)
-    pipeline = load_pipeline(toy.model_path(), use_lora=True)
-    if method_settings["trainer"] == "b2":
-        from b2trl import B2DiffuRLTrainer
-
-        config = b2_config({**values, **common, "save_freq": 0})
-        trainer = B2DiffuRLTrainer(config, toy.alignment_reward, prompt_fn, pipeline)
-    else:
-        import warnings
-
-        from trl import DDPOConfig, DDPOTrainer
-
-        # save_freq beyond the last stage: TRL saves at every epoch divisible by it, and a study run is
-        # restarted from scratch rather than resumed (TRL's LoRA resume trains a fresh adapter, not the saved one)
-        config = DDPOConfig(**values, **common, save_freq=10**9)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="DDPOTrainer is deprecated")
-            trainer = DDPOTrainer(config, toy.alignment_reward, prompt_fn, pipeline)
-        trainer.sd_pipeline.set_progress_bar_config(disable=True)
-    return trainer
-
-
-class StageTimer:
-    """Times a trainer's sampling and reward calls (wrapped on the instance) and records the rewards."""
-
-    def __init__(self, trainer):
-        self.sample_seconds = self.reward_seconds = 0.0
-        self.rewards = []
-        generate, score = trainer._generate_samples, trainer.compute_rewards
-
-        def timed_generate(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                self.sample_seconds += time.perf_counter() - start
-
-        def timed_rewards(*args, **kwargs):
-            start = time.perf_counter()
-            rewards, metadata = tuple(score(*args, **kwargs))  # TRL returns a zip of the two
-            self.reward_seconds += time.perf_counter() - start
-            self.rewards = [float(x) for r in rewards for x in r.detach().float().reshape(-1).cpu()]
-            return rewards, metadata
-
-        trainer._generate_samples, trainer.compute_rewards = timed_generate, timed_rewards
-
-
-def lora_state(trainer) -> dict:
-    return {n: p.detach().clone() for n, p in trainer.sd_pipeline.unet.named_parameters() if "lora" in n}
-
-
-def evaluate(trainer, prompts, study, method_settings) -> dict:
-    import b2trl.toy as toy
-
-    trainer.sd_pipeline.unet.eval()
-    result = toy.evaluate_alignment(
-        trainer.sd_pipeline,
-        prompts=prompts,
-        seeds=tuple(study["eval_seeds"]),
-        num_inference_steps=method_settings["sample_num_steps"],
-        guidance_scale=method_settings["sample_guidance_scale"],
-        eta=method_settings["sample_eta"],
-    )
-    keep = ("overall", "per_seed", "per_template", "per_attribute", "extra_objects", "diversity", "num_images",
-            "per_prompt", "seconds")
-    return {k: result[k] for k in keep}
-
-
-B2_STAGE_KEYS = ("interval_length", "branch_point", "groups_kept", "groups_total", "samples_kept",
-                 "samples_kept_positive", "samples_kept_negative", "skipped_update", "loss", "approx_kl", "clipfrac")
-
-
-def run_one(method: str, seed: int, method_settings: dict, study: dict, paths: dict, meta: dict, log) -> dict:
-    """Train one (method, seed) for the budget, evaluating as it goes; returns the run record."""
-    per_stage = images_per_stage(method_settings)
-    num_stages = study["budget_images"] // per_stage
-    prompts = eval_prompts(study)
-    trainer = build_trainer(method_settings, seed, num_stages, paths["work"])
-    timer = StageTimer(trainer)
-    start_lora = lora_state(trainer)
-    record = {
-        "method": method, "seed": seed, "status": "running", "fingerprint": meta["fingerprint"],
-        "settings": method_settings, "study": study, "images_per_stage": per_stage, "num_stages": num_stages,
-        "eval_prompts": prompts, "curve": [], "stages": [], **{k: v for k, v in meta.items() if k != "fingerprint"},
-    }
-    train_seconds = eval_seconds = 0.0
-    started = time.perf_counter()
-
-    def evaluate_point(images: int, stage: int):
-        nonlocal eval_seconds
-        t0 = time.perf_counter()
-        point = evaluate(trainer, prompts, study, method_settings)
-        eval_seconds += time.perf_counter() - t0
-        point.update(images=images, stages=stage, train_seconds=round(train_seconds, 3))
-        if images < study["budget_images"]:
-            point.pop("per_prompt")
-        record["curve"].append(point)
-        report.write_json(paths["partial"], record)
-        log(f"{method} seed {seed}: {images:>5} images, held-out alignment {point['overall']:.3f} "
-            f"(train {train_seconds:.0f} s)")
-
-    evaluate_point(0, 0)
-    global_step = 0
-    for stage in range(num_stages):
-        sample_before, reward_before = timer.sample_seconds, timer.reward_seconds
-        t0 = time.perf_counter()
-        new_step = trainer.step(stage, global_step)
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        images = (stage + 1) * per_stage
-        row = {
-            "stage": stage, "images": images, "seconds": round(seconds, 3),
-            "sample_seconds": round(timer.sample_seconds - sample_before, 3),
-            "reward_seconds": round(timer.reward_seconds - reward_before, 3),
-            "reward_mean": sum(timer.rewards) / max(len(timer.rewards), 1),
-            "optimizer_steps": new_step - global_step,
-        }
-        stats = getattr(trainer, "last_stage_stats", {})
-        row.update({k: stats[k] for k in B2_STAGE_KEYS if k in stats})
-        record["stages"].append(row)
-        global_step = new_step
-        if images % study["eval_every_images"] == 0 or images == study["budget_images"]:
-            evaluate_point(images, stage + 1)
-
-    end_lora = lora_state(trainer)
-    record.update(
-        status="done",
-        final=record["curve"][-1],
-        lora_max_change=max(float((end_lora[n] - start_lora[n]).abs().max()) for n in start_lora),
-        wall={
-            "train_seconds": round(train_seconds, 2),
-            "sample_seconds": round(timer.sample_seconds, 2),
-            "reward_seconds": round(timer.reward_seconds, 2),
-            "eval_seconds": round(eval_seconds, 2),
-            "total_seconds": round(time.perf_counter() - started, 2),
-        },
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    return record
-
-
 # ------------------------------------------------------------------------------------------------ driver
-
-
-def machine_description(threads: int) -> dict:
-    import diffusers
-    import torch
-    import trl
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": threads,
-        "load_average_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "trl": trl.__version__,
-        "system": f"{platform.system()} {platform.machine()}",
-    }
 
 
 def code_version() -> str:
@@ -572,7 +353,7 @@ def main(argv=None):
         os.environ.setdefault("TQDM_DISABLE", "1")
         runs = out / "runs"
         runs.mkdir(parents=True, exist_ok=True)
-        machine, code = machine_description(args.threads), code_version()
+        machine, code = common.machine_description(shared_cpu=True), code_version()
         for seed in study["seeds"]:  # seeds outermost: a partial study already compares every method
             for method in args.methods:
                 name = f"{method}_seed{seed}"
