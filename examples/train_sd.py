@@ -3,7 +3,7 @@
 With no flags it trains a LoRA on b2trl's shipped toy text-to-image world (offline, a few minutes on a CPU)
 and reports held-out alignment before and after. On a GPU, point it at a real model and reward:
 
-    accelerate launch examples/train_sd.py --pretrained_model runwayml/stable-diffusion-v1-5 \\
+    accelerate launch examples/train_sd.py --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --reward clip_score --prompts_file prompts.txt --preset reference --log_with tensorboard
 
 Every B2DiffuRLConfig field (TRL's DDPOConfig plus branching and selection) and every IntervalSchedule field is
@@ -23,27 +23,30 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from b2trl import B2DiffuRLConfig, B2DiffuRLTrainer, IntervalSchedule, load_pipeline
+from b2trl.hub import build_model_card, push_folder, reward_evaluation, sample_for_card, save_samples
+from b2trl.images import BranchGridHook, plot_reward_curve
 from b2trl.prompts import ANIMAL_ACTIVITY_PROMPTS
+from b2trl.toy import model_path as toy_model_path
+from b2trl.toy import train_prompts
+from b2trl.toy.report import evaluate_base, report_heldout
 
 TOY = "toy"
+# the model card's samples: a few prompts, each under the same seeds before and after training
+CARD_PROMPTS, CARD_SEEDS = 2, [0, 1]
 
 # Where the defaults start. "reference" is the paper's run (B2DiffuRLConfig's own defaults); "toy" scales it
 # down so that the shipped toy world trains in minutes on two CPU cores.
 PRESETS = {
     "reference": {},
     "toy": dict(
-        # one pass of the backward schedule: 10 stages of 64 images, the interval growing from the last 14 of 20
-        # steps to the whole trajectory. Training on past that (the whole trajectory, stage after stage) lowered
-        # held-out alignment again on this model: its remaining errors are decided in the first steps, where
-        # a few hundred images give a policy gradient that is mostly noise (docs/toy_world.md).
+        # one pass of the backward schedule, the interval growing from the last 14 of 20 steps to all of them;
+        # why not longer: docs/toy_world.md, "What RL changes on the toy world"
         num_epochs=10,
-        # 32 groups of 2 branches rather than 16 of 4: at this budget more independent trajectories per stage
-        # gave a higher and steadier held-out gain over three training seeds (docs/study.md, `b2_n2` vs `b2`)
+        # more prompts with fewer branches each: the study's choice for this budget (docs/study.md, `b2_n2`)
         sample_batch_size=32,
         sample_num_batches_per_epoch=1,
         num_branches=2,
@@ -54,67 +57,44 @@ PRESETS = {
         initial_length=14,
         num_stages=10,
         mixed_precision="no",
-        save_freq=0,  # a 2-minute job: no checkpoints, so rerunning into the same folder just works
+        save_freq=0,  # a short job: no checkpoints, so rerunning into the same folder just works
     ),
 }
+
+
+def arg(default, help: str, **metadata):
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
 class ScriptArguments:
     """Arguments of this script (the trainer's are B2DiffuRLConfig's and IntervalSchedule's)."""
 
-    pretrained_model: str = field(
-        default=TOY,
-        metadata={
-            "help": "Base pipeline: a Hub id (e.g. runwayml/stable-diffusion-v1-5), a local diffusers folder, or "
-            "'toy' for b2trl's shipped toy model."
-        },
-    )
-    pretrained_revision: str = field(default="main", metadata={"help": "Hub revision of --pretrained_model."})
-    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (False: the whole UNet)."})
-    preset: str = field(
-        default="auto",
-        metadata={
-            "help": "Defaults to start from: 'reference' (the paper's run), 'toy' (minutes on a CPU), or 'auto' "
-            "('toy' for the toy model, else 'reference'). Flags override the preset.",
-            "choices": ["auto", "reference", "toy"],
-        },
-    )
-    prompts: Optional[list[str]] = field(default=None, metadata={"help": "Training prompts, given inline."})
-    prompts_file: Optional[str] = field(default=None, metadata={"help": "A text file with one prompt per line."})
-    prompts_dataset: Optional[str] = field(
-        default=None, metadata={"help": "A `datasets` dataset (Hub id or local path) to read prompts from."}
-    )
-    prompts_dataset_split: str = field(default="train", metadata={"help": "Split of --prompts_dataset."})
-    prompts_dataset_column: str = field(default="prompt", metadata={"help": "Column of --prompts_dataset."})
-    reward: str = field(
-        default="auto",
-        metadata={
-            "help": "Reward name (toy_alignment, aesthetic, clip_score, pickscore, jpeg_compressibility, "
-            "jpeg_incompressibility) or 'module:function' for your own (importable, or in the working "
-            "directory); 'auto' = toy_alignment for the toy "
-            "model, else aesthetic."
-        },
-    )
-    reward_model: Optional[str] = field(
-        default=None, metadata={"help": "model_name_or_path of a CLIP-based reward (Hub id or local folder)."}
-    )
-    reward_kwargs: str = field(
-        default="{}", metadata={"help": "JSON object of extra keyword arguments for the reward."}
-    )
-    output_dir: str = field(default="outputs/train_sd", metadata={"help": "Where the LoRA, metrics and plots go."})
-    eval_seeds: int = field(default=3, metadata={"help": "Toy model: seeds per held-out prompt in the evaluation."})
-    hub_model_id: Optional[str] = field(
-        default=None, metadata={"help": "Repo id for --push_to_hub (defaults to the output folder's name)."}
-    )
-    init_lora: Optional[str] = field(
-        default=None,
-        metadata={"help": "Start from these LoRA weights (a folder written by a previous run's save_pretrained)."},
-    )
-    branch_images: bool = field(
-        default=True,
-        metadata={"help": "Log a grid of each stage's branch groups with their rewards (tracker and output dir)."},
-    )
+    pretrained_model: str = arg(TOY, "Base pipeline: a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a "
+                                "local diffusers folder, or 'toy' for b2trl's shipped toy model.")
+    pretrained_revision: str = arg("main", "Hub revision of --pretrained_model.")
+    use_lora: bool = arg(True, "Train a LoRA adapter (False: the whole UNet).")
+    preset: str = arg("auto", "Defaults to start from: 'reference' (the paper's run), 'toy' (minutes on a CPU), or "
+                      "'auto' ('toy' for the toy model, else 'reference'). Flags override the preset.",
+                      choices=["auto", "reference", "toy"])
+    prompts: Optional[list[str]] = arg(None, "Training prompts, given inline.")
+    prompts_file: Optional[str] = arg(None, "A text file with one prompt per line.")
+    prompts_dataset: Optional[str] = arg(None, "A `datasets` dataset to read prompts from: a Hub id, a local folder "
+                                         "of data files, or a folder written by `save_to_disk`.")
+    prompts_dataset_split: str = arg("train", "Split of --prompts_dataset.")
+    prompts_dataset_column: str = arg("prompt", "Column of --prompts_dataset.")
+    reward: str = arg("auto", "Reward name (toy_alignment, aesthetic, clip_score, pickscore, jpeg_compressibility, "
+                      "jpeg_incompressibility) or 'module:function' for your own (importable, or in the working "
+                      "directory); 'auto' = toy_alignment for the toy model, else aesthetic.")
+    reward_model: Optional[str] = arg(None, "model_name_or_path of a CLIP-based reward (Hub id or local folder).")
+    reward_kwargs: str = arg("{}", "JSON object of extra keyword arguments for the reward.")
+    output_dir: str = arg("outputs/train_sd", "Where the LoRA, metrics and plots go.")
+    eval_seeds: int = arg(3, "Toy model: seeds per held-out prompt in the evaluation.")
+    hub_model_id: Optional[str] = arg(None, "Repo id for --push_to_hub (defaults to the output folder's name).")
+    init_lora: Optional[str] = arg(None, "Start from these LoRA weights (a folder written by a previous run's "
+                                   "save_pretrained).")
+    branch_images: bool = arg(True, "Save a grid of each stage's branch groups with their rewards (and log it to "
+                              "the tracker).")
 
 
 def build_parser(preset: str) -> HfArgumentParser:
@@ -173,67 +153,127 @@ def load_prompts(args: ScriptArguments, is_toy: bool) -> list[str]:
     if args.prompts:
         return list(args.prompts)
     if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise SystemExit(f"error: --prompts_file {args.prompts_file}: no such file")
         with open(args.prompts_file, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
         if not prompts:
             raise SystemExit(f"error: --prompts_file {args.prompts_file} has no prompts")
         return prompts
     if args.prompts_dataset:
-        from datasets import load_dataset
-
-        dataset = load_dataset(args.prompts_dataset, split=args.prompts_dataset_split)
+        dataset = load_prompts_dataset(args.prompts_dataset, args.prompts_dataset_split)
         if args.prompts_dataset_column not in dataset.column_names:
             raise SystemExit(
                 f"error: --prompts_dataset_column {args.prompts_dataset_column!r} not in {dataset.column_names}"
             )
         return [str(p) for p in dataset[args.prompts_dataset_column]]
-    if is_toy:
-        from b2trl.toy import train_prompts
+    return train_prompts() if is_toy else list(ANIMAL_ACTIVITY_PROMPTS)
 
-        return train_prompts()
-    return list(ANIMAL_ACTIVITY_PROMPTS)
+
+def load_prompts_dataset(name_or_path: str, split: str):
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    folder = os.path.expanduser(name_or_path)
+    try:
+        # a folder written by `save_to_disk` (which `load_dataset` refuses): a Dataset or a DatasetDict
+        if any(os.path.isfile(os.path.join(folder, f)) for f in ("state.json", "dataset_dict.json")):
+            dataset = load_from_disk(folder)
+            if isinstance(dataset, DatasetDict):
+                if split not in dataset:
+                    raise SystemExit(f"error: --prompts_dataset_split {split!r} not in {list(dataset)}")
+                dataset = dataset[split]
+            return dataset
+        return load_dataset(name_or_path, split=split)
+    except (OSError, ValueError) as err:  # datasets' not-found and bad-split errors derive from these
+        raise SystemExit(f"error: --prompts_dataset {name_or_path}: {err}") from None
 
 
 def build_reward(args: ScriptArguments, is_toy: bool):
-    from b2trl.rewards import get_reward
+    from b2trl.rewards import RewardModelNotFoundError, get_reward
 
     name = args.reward if args.reward != "auto" else ("toy_alignment" if is_toy else "aesthetic")
     if ":" in name and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # 'module:function' may name a module in the working directory
-    kwargs = json.loads(args.reward_kwargs)
+    try:
+        kwargs = json_object(args.reward_kwargs)
+    except argparse.ArgumentTypeError as err:
+        raise SystemExit(f"error: --reward_kwargs: {err}") from None
     if args.reward_model:
         kwargs["model_name_or_path"] = args.reward_model
-    return name, get_reward(name, **kwargs)
+    try:
+        return name, get_reward(name, **kwargs)
+    except RewardModelNotFoundError as err:
+        flag = "--reward_model" if args.reward_model else f"--reward {name}"
+        raise SystemExit(
+            f"error: {flag}: {err} (here --reward_model sets model_name_or_path, --reward_kwargs the others)"
+        ) from None
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"error: --reward {name}: {err}") from None
+
+
+def load_base_pipeline(args: ScriptArguments, is_toy: bool):
+    model = toy_model_path() if is_toy else args.pretrained_model
+    try:
+        return load_pipeline(model, revision=args.pretrained_revision, use_lora=args.use_lora)
+    except (OSError, ValueError) as err:  # the Hub client's not-found errors are OSErrors
+        raise SystemExit(f"error: --pretrained_model {args.pretrained_model}: {err}") from None
+
+
+def start_processes(config: B2DiffuRLConfig) -> PartialState:
+    """
+    Create accelerate's process state from the config before anything else does: loading the pipeline would
+    create a default one, which on a CPU-only machine is a single process however the script was launched.
+    """
+    state = PartialState(**({"cpu": True} if config.accelerator_kwargs.get("cpu") else {}))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:
+        raise SystemExit(
+            f"error: launched as {launched} processes (WORLD_SIZE={launched}) but accelerate set up each as a single "
+            f"process, so they would train {launched} separate models. On a machine without GPUs pass "
+            "--accelerator_kwargs '{\"cpu\": true}' (gloo on CPU); with GPUs, check that every process sees one."
+        )
+    return state
 
 
 def make_prompt_fn(prompts: list[str], seed: int):
     rng = random.Random(seed)
-
-    def prompt_fn():
-        return rng.choice(prompts), {}
-
-    return prompt_fn
+    return lambda: (rng.choice(prompts), {})
 
 
 class MetricsWriter:
-    """Appends each stage's statistics to metrics.jsonl and metrics.csv as training goes."""
+    """Writes each stage's statistics to metrics.jsonl (appended as training goes) and metrics.csv.
 
-    def __init__(self, output_dir: str):
+    A fresh run starts both anew. A resumed one (`resume_stage`: the first stage it trains) keeps the earlier
+    stages' rows and drops later ones, which ran after its checkpoint and run again: each stage appears once."""
+
+    def __init__(self, output_dir: str, resume_stage: Optional[int] = None):
         self.jsonl = os.path.join(output_dir, "metrics.jsonl")
         self.csv = os.path.join(output_dir, "metrics.csv")
-        self.rows: list[dict] = []
-        self.start = time.time()
-        for path in (self.jsonl, self.csv):
-            if os.path.exists(path):
-                os.remove(path)
+        kept = {}
+        if resume_stage is not None and os.path.exists(self.jsonl):
+            with open(self.jsonl) as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                        continue
+                    if row.get("stage", resume_stage) < resume_stage:
+                        kept[row["stage"]] = row
+        self.rows: list[dict] = [kept[k] for k in sorted(kept)]
+        # time_s goes on from where the kept rows stop
+        self.start = time.time() - (self.rows[-1].get("time_s", 0.0) if self.rows else 0.0)
+        with open(self.jsonl, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self.rows)
+        self._write_csv()
 
     def __call__(self, trainer, stats: dict):
-        if not trainer.accelerator.is_main_process:
-            return
         row = {"time_s": round(time.time() - self.start, 2), **stats}
         self.rows.append(row)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self._write_csv()
+
+    def _write_csv(self):
         columns = list(dict.fromkeys(k for r in self.rows for k in r))
         with open(self.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -241,123 +281,79 @@ class MetricsWriter:
             writer.writerows(self.rows)
 
 
-def plot_rewards(rows: list[dict], path: str) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the reward curve (pip install matplotlib)")
-        return None
-    stages = [r["stage"] for r in rows]
-    means = [r["reward_mean"] for r in rows]
-    stds = [r["reward_std"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(stages, means, marker="o", label="mean reward of the stage's samples")
-    ax.fill_between(stages, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
-    ax.set_xlabel("stage")
-    ax.set_ylabel("reward")
-    ax.set_title("B²-DiffuRL training reward")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def evaluate_toy(pipeline, seeds, lora_path=None):
-    from b2trl.toy import evaluate_alignment
-
-    return evaluate_alignment(pipeline, lora_path=lora_path, seeds=seeds, return_images=True)
-
-
 def main(argv=None):
     args, config, preset = parse_args(argv)
+    state = start_processes(config)  # first: see start_processes
     is_toy = args.pretrained_model == TOY
     os.makedirs(args.output_dir, exist_ok=True)
     # checkpoints and tracker logs live beside the outputs unless the user points them elsewhere
     config.project_kwargs.setdefault("project_dir", args.output_dir)
-    if is_toy:
-        from b2trl.toy import model_path
-
-        model = model_path()
-    else:
-        model = args.pretrained_model
-    print(f"b2trl: preset '{preset}', model {args.pretrained_model}, output {args.output_dir}")
-
+    if state.is_main_process:
+        print(f"b2trl: preset '{preset}', model {args.pretrained_model}, output {args.output_dir}, "
+              f"{state.num_processes} process(es)")
     reward_name, reward_fn = build_reward(args, is_toy)
     prompts = load_prompts(args, is_toy)
-    pipeline = load_pipeline(model, revision=args.pretrained_revision, use_lora=args.use_lora)
+    pipeline = load_base_pipeline(args, is_toy)
 
-    seeds = list(range(args.eval_seeds))
-    before = None
-    if is_toy and PartialState().is_main_process:
+    # only the main process evaluates and samples for the model card; the others wait for it in the trainer
+    seeds, base_eval, card_prompts, card_images = list(range(args.eval_seeds)), None, None, {}
+    if state.is_main_process and is_toy:
         print(f"Evaluating the base model on held-out prompts ({args.eval_seeds} seeds)...")
-        before = evaluate_toy(pipeline, seeds)
+        base_eval = evaluate_base(pipeline, seeds)
+    elif state.is_main_process:
+        card_prompts = list(dict.fromkeys(prompts))[:CARD_PROMPTS]
+        card_images["base"] = sample_for_card(pipeline, card_prompts, CARD_SEEDS, config, state.device)
 
     hook = None
-    if args.branch_images:
-        from b2trl.images import BranchGridHook
-
+    if args.branch_images and state.is_main_process:  # every process would write the same file names
         hook = BranchGridHook(config.num_branches, output_dir=os.path.join(args.output_dir, "branches"))
-    trainer = B2DiffuRLTrainer(config, reward_fn, make_prompt_fn(prompts, config.seed), pipeline, hook)
+    # each process draws its own prompts (one shared sequence would sample the same prompts on every process)
+    prompt_fn = make_prompt_fn(prompts, config.seed + state.process_index)
+    trainer = B2DiffuRLTrainer(config, reward_fn, prompt_fn, pipeline, hook)
     if args.init_lora:
         trainer.load_lora_weights(args.init_lora)
-    metrics = MetricsWriter(args.output_dir)
-    trainer.stage_end_callbacks.append(metrics)
+    metrics = None
+    if state.is_main_process:
+        metrics = MetricsWriter(args.output_dir, resume_stage=trainer.first_epoch if config.resume_from else None)
+        trainer.stage_end_callbacks.append(metrics)
     start = time.time()
     trainer.train()
     train_seconds = time.time() - start
 
     lora_dir = os.path.join(args.output_dir, "lora" if trainer.use_lora else "pipeline")
-    trainer.save_pretrained(
-        lora_dir, base_model=args.pretrained_model, reward_name=reward_name,
-        repo_id=args.hub_model_id,
-    )
+    card_kwargs = dict(base_model=args.pretrained_model, reward_name=reward_name, repo_id=args.hub_model_id)
+    trainer.save_pretrained(lora_dir, **card_kwargs)
     # every process: flush the trackers and destroy the process group; the rest is single-process work
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
-    if not trainer.accelerator.is_main_process:
+    if not state.is_main_process:
         return
     summary = {"preset": preset, "reward": reward_name, "train_seconds": round(train_seconds, 1), "saved": lora_dir}
-    curve = plot_rewards(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"))
+    report = None
+    if is_toy:
+        print("Evaluating the trained model on held-out prompts...")
+        # from the saved folder, as a user would load it: base + LoRA, or the saved full pipeline
+        report = report_heldout(base_eval, lora_dir, use_lora=trainer.use_lora, output_dir=args.output_dir,
+                                seeds=seeds)
+        print(report.headline())
+        summary.update(report.summary())
+        card_prompts, card_seeds, card_images = report.card_samples(CARD_PROMPTS, len(CARD_SEEDS))
+        evaluation = report.card_evaluation()
+    else:
+        card_seeds = CARD_SEEDS
+        with trainer.accelerator.autocast():
+            card_images["trained"] = sample_for_card(trainer.sd_pipeline, card_prompts, card_seeds, config)
+        label = f"reward `{reward_name}`, mean of the {len(card_prompts) * len(card_seeds)} samples above"
+        evaluation = reward_evaluation(reward_fn, card_images, card_prompts, label, state.device)
+    # the card shows what the run did: samples saved beside the weights (pushed with them) and the evaluation
+    samples = save_samples(lora_dir, card_prompts, card_seeds, card_images)
+    card = build_model_card(trainer, **card_kwargs, samples=samples, evaluation=evaluation)
+    card.save(os.path.join(lora_dir, "README.md"))
+    curve = plot_reward_curve(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"),
+                              heldout=report.curve_marks() if report else None)
     if curve:
         summary["reward_curve"] = curve
-    if is_toy:
-        from b2trl.toy import heldout_prompts, save_grid
-
-        print("Evaluating the trained LoRA on held-out prompts...")
-        # from the saved folder, as a user would load it: base + LoRA, or the saved full pipeline
-        if trainer.use_lora:
-            after = evaluate_toy(None, seeds, lora_path=lora_dir)
-        else:
-            after = evaluate_toy(lora_dir, seeds)
-        grid = os.path.join(args.output_dir, "before_after_heldout.png")
-        shown = min(8, len(heldout_prompts()))
-        # one row per held-out prompt: its seeds before training, then the same seeds after
-        both = torch.cat([before["images"][:, :shown], after["images"][:, :shown]], dim=0)
-        save_grid(both, grid, nrow=both.shape[0], labels=heldout_prompts()[:shown])
-        for result in (before, after):
-            result.pop("images")
-        summary.update(
-            heldout_alignment_base=before["overall"],
-            heldout_alignment_trained=after["overall"],
-            heldout_per_seed_base=before["per_seed"],
-            heldout_per_seed_trained=after["per_seed"],
-            diversity_base=before["diversity"],
-            diversity_trained=after["diversity"],
-            before_after_grid=grid,
-        )
-        with open(os.path.join(args.output_dir, "evaluation.json"), "w") as f:
-            json.dump({"base": before, "trained": after}, f, indent=2)
-        print(
-            f"Held-out alignment: base {before['overall']:.3f} -> trained {after['overall']:.3f} "
-            f"(per seed {['%.3f' % v for v in before['per_seed']]} -> {['%.3f' % v for v in after['per_seed']]})"
-        )
     if config.push_to_hub:
-        from b2trl.hub import push_folder
-
         url = push_folder(lora_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
         summary["hub_url"] = url
         print(f"Pushed to {url}")

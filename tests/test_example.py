@@ -1,4 +1,5 @@
 import argparse
+import csv
 import importlib.util
 import json
 import os
@@ -39,7 +40,7 @@ def test_presets_set_defaults_and_flags_override_them(train_sd):
     assert preset == "toy" and config.num_epochs == 3
     assert config.num_branches == train_sd.PRESETS["toy"]["num_branches"]
     assert config.interval_schedule.initial_length == train_sd.PRESETS["toy"]["initial_length"]
-    _, config, preset = train_sd.parse_args(["--pretrained_model", "runwayml/stable-diffusion-v1-5"])
+    _, config, preset = train_sd.parse_args(["--pretrained_model", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
     assert preset == "reference" and config.num_branches == 5 and config.interval_schedule.initial_length == 14
 
 
@@ -101,6 +102,12 @@ def test_push_to_hub_and_continue_from_the_pushed_lora(train_sd, tiny_model_dir,
     ((repo, files, card),) = uploads
     assert repo == "me/tiny-b2" and "pytorch_lora_weights.safetensors" in files
     assert "| stages trained | 2 |" in card.text and "helpers:brightness_reward" in card.text
+    # what the run did travels with the weights: samples of the base and the trained model, and their reward
+    assert "samples" in files and sorted(os.listdir(out / "lora" / "samples")) == [
+        "base_0_seed0.png", "base_0_seed1.png", "trained_0_seed0.png", "trained_0_seed1.png"
+    ]
+    assert "![trained, seed 1](samples/trained_0_seed1.png)" in card.text
+    assert "| reward `helpers:brightness_reward`, mean of the 2 samples above |" in card.text
     assert json.loads((out / "summary.json").read_text())["hub_url"] == "https://hf.co/me/tiny-b2"
     assert sorted(p.name for p in (out / "branches").iterdir()) and (out / "branches").is_dir()
 
@@ -118,3 +125,86 @@ def test_dict_flags_take_json(train_sd, capsys):
     with pytest.raises(SystemExit):
         train_sd.parse_args(["--project_kwargs", "[1, 2]"])
     assert "expected a JSON object" in capsys.readouterr().err
+
+
+def _tiny(tiny_model_dir, tmp_path, *extra):
+    return ["--pretrained_model", tiny_model_dir, "--output_dir", str(tmp_path / "out"), *TINY_RUN, *extra]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompts_file", "no/such/prompts.txt"], "error: --prompts_file no/such/prompts.txt: no such file"),
+        (["--prompts", "a cat", "--reward", "nope"], "error: --reward nope: unknown reward 'nope'. Known rewards: "),
+        (["--prompts", "a cat", "--reward", "clip_score", "--reward_model", "./no/such/clip"],
+         "error: --reward_model: `model_name_or_path`='./no/such/clip' looks like a local path but does not exist"),
+        (["--prompts", "a cat", "--reward", "clip_score"],
+         "error: --reward clip_score: `model_name_or_path`='laion/CLIP-ViT-H-14-laion2B-s32B-b79K' is not in the"),
+        (["--prompts", "a cat", "--reward_kwargs", "[1]"], "error: --reward_kwargs: expected a JSON object"),
+    ],
+)
+def test_wrong_inputs_stop_with_one_error_line_naming_the_flag(train_sd, tiny_model_dir, tmp_path, monkeypatch,
+                                                                 flags, message):
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(Path(__file__).parent)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(SystemExit) as stop:
+        train_sd.main(_tiny(tiny_model_dir, tmp_path, *flags))  # a later --reward wins over TINY_RUN's
+    text = str(stop.value.code)
+    assert text.startswith(message) and "\n" not in text
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # it stopped before training
+
+
+@pytest.mark.parametrize("model", ["nobody-xyz/no-such-model", "./no/such/pipeline"])
+def test_a_model_that_cannot_be_loaded_is_named(train_sd, tmp_path, monkeypatch, model):
+    monkeypatch.chdir(Path(__file__).parent)
+    with pytest.raises(SystemExit, match=f"^error: --pretrained_model {model}: "):
+        train_sd.main(["--pretrained_model", model, "--prompts", "a cat", "--reward", "helpers:brightness_reward",
+                       "--output_dir", str(tmp_path / "out")])
+
+
+def test_prompts_from_a_dataset_saved_to_disk(train_sd, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    Dataset.from_dict({"prompt": ["a cat", "a dog"]}).save_to_disk(str(tmp_path / "one"))
+    args, _, _ = train_sd.parse_args(["--prompts_dataset", str(tmp_path / "one")])
+    assert train_sd.load_prompts(args, is_toy=False) == ["a cat", "a dog"]
+
+    splits = DatasetDict({"train": Dataset.from_dict({"text": ["a"]}), "test": Dataset.from_dict({"text": ["b"]})})
+    splits.save_to_disk(str(tmp_path / "dict"))
+    args, _, _ = train_sd.parse_args(["--prompts_dataset", str(tmp_path / "dict"), "--prompts_dataset_split", "test",
+                                      "--prompts_dataset_column", "text"])
+    assert train_sd.load_prompts(args, is_toy=False) == ["b"]
+    args, _, _ = train_sd.parse_args(["--prompts_dataset", str(tmp_path / "dict"), "--prompts_dataset_split", "dev"])
+    with pytest.raises(SystemExit, match=r"--prompts_dataset_split 'dev' not in \['train', 'test'\]"):
+        train_sd.load_prompts(args, is_toy=False)
+    args, _, _ = train_sd.parse_args(["--prompts_dataset", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match=f"^error: --prompts_dataset {tmp_path / 'none'}: "):
+        train_sd.load_prompts(args, is_toy=False)
+
+
+def test_metrics_start_clean_but_a_resumed_run_keeps_the_stages_before_it(train_sd, tmp_path):
+    rows = [{"time_s": 1.0 + k, "stage": k, "reward_mean": 0.1 * k} for k in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"time_s": 9, "sta')
+
+    resumed = train_sd.MetricsWriter(str(tmp_path), resume_stage=2)  # stages 2 and 3 run again
+    assert [r["stage"] for r in resumed.rows] == [0, 1]
+    resumed(None, {"stage": 2, "reward_mean": 0.5})
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert stages == [0, 1, 2]
+    assert resumed.rows[-1]["time_s"] >= 2.0  # the clock goes on from the kept rows
+    with open(tmp_path / "metrics.csv") as f:
+        assert [int(r["stage"]) for r in csv.DictReader(f)] == [0, 1, 2]
+
+    train_sd.MetricsWriter(str(tmp_path))  # a fresh run into the same folder
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    assert (tmp_path / "metrics.csv").read_text().strip() == ""
+
+
+def test_a_launch_accelerate_did_not_see_stops(train_sd, tiny_model_dir, tmp_path, monkeypatch):
+    # torchrun started 2 processes, but without --accelerator_kwargs '{"cpu": true}' a CPU-only machine gives
+    # each a single-process state: they would train two separate models
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=r"WORLD_SIZE=2.*--accelerator_kwargs '\{\"cpu\": true\}'"):
+        train_sd.main(_tiny(tiny_model_dir, tmp_path, "--prompts", "a cat"))

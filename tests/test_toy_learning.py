@@ -32,3 +32,7 @@ def test_main_job_raises_held_out_alignment(tmp_path):
     assert summary["heldout_alignment_base"] == base["overall"]
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert (out / "before_after_heldout.png").exists() and (out / "reward_curve.png").exists()
+    # the model card shows the run: held-out samples of both models beside the weights, and the evaluation
+    card = (out / "lora" / "README.md").read_text()
+    assert f"| held-out alignment (45 prompts × 3 seeds) | {base['overall']:.3f} | {trained['overall']:.3f} |" in card
+    assert len(list((out / "lora" / "samples").glob("*.png"))) == 2 * 2 * 2  # base/trained × 2 prompts × 2 seeds
