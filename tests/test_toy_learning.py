@@ -1,9 +1,8 @@
 """The README's main job as shipped (toy preset, no flags, training seed 0): one pass of the backward schedule
-raises held-out alignment, scored on exactly the same held-out noise before and after. About 1.5 minutes on one
-CPU thread.
+raises held-out alignment, scored on exactly the same held-out noise before and after.
 
-The margin depends on the training seed (seeds 0 / 1 / 2 of this preset: +0.031 / +0.018 / +0.004 in
-docs/study.md, `b2_n2`), so the test asks for a gain, not for seed 0's size of it."""
+The margin depends on the training seed (docs/study.md gives it per seed for this preset, `b2_n2`), so the test
+asks for a gain, not for seed 0's size of it."""
 
 import json
 from pathlib import Path

@@ -1,7 +1,5 @@
 """The toy world's data, split and exact reward, checked against its own renderer."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -92,15 +90,12 @@ def test_extra_objects_are_penalised():
     assert all(m["extra_objects"] == 1 for m in meta) and r.max() <= 0.5
 
 
-def test_dtype_device_and_speed(batch):
+def test_dtype_and_device(batch):
     prompts, images = batch
     full = alignment_reward(images, prompts)[0]
     half = alignment_reward(images.to(torch.bfloat16), prompts)[0]
     assert half.dtype == torch.float32 and half.device == images.device
     assert (half - full).abs().mean() < 0.02
-    t0 = time.perf_counter()
-    alignment_reward(images, prompts)
-    assert time.perf_counter() - t0 < 1.5  # generous for a loaded 2-core machine; ~0.2 s when idle
 
 
 def test_render_shape_range_and_determinism():
