@@ -15,60 +15,69 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import random
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
+# the sibling modules import as top-level ones, whether this file runs as a script or is loaded by path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
-def stage_gradient(trainer, prompts_per_stage: int, branch_point: int, rule: str, seed: int):
+
+def stage_gradient(trainer, branch_point: int, seed: int):
+    """
+    One stage's policy gradient at ratio 1, through the trainer's own named steps (sample, score, z-score,
+    select): minus the advantage-weighted sum of the kept samples' interval log-probability gradients.
+    Returns ``(gradient, kept samples, mean reward)``.
+    """
     import torch
 
     import b2trl.toy as toy
-    from b2trl.selection import PromptRewardHistory, select, stage_advantages
+    from b2trl.models import Conditioning
 
-    config = trainer.config
     # the stage's prompts and noise both follow `seed`
-    prompt_rng, train_prompts = random.Random(seed), toy.train_prompts()
-    trainer.prompt_fn = lambda: (prompt_rng.choice(train_prompts), {})
+    trainer.prompt_fn = common.seeded_prompts(toy.train_prompts(), seed)
     torch.manual_seed(seed)
-    samples, data = trainer._generate_samples(1, prompts_per_stage, branch_point=branch_point)
-    samples, (images, prompts, _) = samples[0], data[0]
-    rewards, _ = toy.alignment_reward(images, list(prompts))
-    z = PromptRewardHistory(0).update(list(prompts), rewards.cpu().numpy()).reshape(-1, config.num_branches)
-    keep = select(z, rule, config.selection_threshold_best, config.selection_threshold_worst)
-    advantages = torch.as_tensor(stage_advantages(z, keep, rule, config.train_adv_clip_max).reshape(-1)).float()
+    samples, batches = trainer.sample_stage(branch_point)
+    trainer.score(batches, stage=seed)
+    z, rewards = trainer.z_scores(batches)
+    keep, advantages = trainer.select_samples(z)
     rows = torch.as_tensor(np.flatnonzero(keep.reshape(-1)))
+    advantages = torch.as_tensor(advantages.reshape(-1)[rows.numpy()]).float()
+    conditioning = Conditioning.from_rows(samples).index(rows)
     trainer.optimizer.zero_grad()
-    embeds = torch.cat([samples["negative_prompt_embeds"][rows], samples["prompt_embeds"][rows]])
     for j in range(samples["timesteps"].shape[1]):
         log_prob = trainer.transition_log_prob(
-            samples["latents"][rows, j], samples["timesteps"][rows, j], samples["next_latents"][rows, j], embeds
+            samples["latents"][rows, j], samples["timesteps"][rows, j], samples["next_latents"][rows, j], conditioning
         )
-        (-(advantages[rows] * log_prob).sum()).backward()
+        (-(advantages * log_prob).sum()).backward()
     grad = torch.cat([p.grad.flatten().clone() for p in trainer.trainable_params if p.grad is not None])
-    return grad, int(keep.sum()), float(rewards.float().mean())
+    return grad, int(keep.sum()), float(np.nanmean(rewards))
 
 
 def make_trainer(prompts_per_stage: int, num_branches: int, rule: str):
-    """A B² trainer on the shipped toy model (LoRA); `stage_gradient` sets its prompts. Writes nothing."""
+    """A B² trainer on the shipped toy model (LoRA), one sampling batch per stage; `stage_gradient` sets its
+    prompts. Writes nothing."""
     import b2trl.toy as toy
-    from b2trl import B2DiffuRLConfig, B2DiffuRLTrainer, load_pipeline
+    from b2trl import B2DiffuRLConfig, B2DiffuRLTrainer
 
     config = B2DiffuRLConfig(
         num_epochs=1,
         sample_batch_size=prompts_per_stage,
+        sample_num_batches_per_epoch=1,
         num_branches=num_branches,
         selection_rule=rule,
+        # z-scores against this stage's rewards alone: stages stay independent, whatever was drawn before
+        history_stages=0,
         mixed_precision="no",
         save_freq=0,
         log_with=None,
         project_kwargs={"project_dir": tempfile.mkdtemp(prefix="gradient_snr_")},
     )
-    return B2DiffuRLTrainer(
-        config, toy.alignment_reward, lambda: (toy.train_prompts()[0], {}), load_pipeline(toy.model_path())
-    )
+    return B2DiffuRLTrainer(config, toy.alignment_reward, lambda: (toy.train_prompts()[0], {}), common.toy_pipeline())
 
 
 def main(argv=None):
@@ -94,8 +103,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for branch_point in args.branch_points:
         t0 = time.time()
-        grads = [stage_gradient(trainer, args.prompts_per_stage, branch_point, args.rule, seed)
-                 for seed in range(args.repeats)]
+        grads = [stage_gradient(trainer, branch_point, seed) for seed in range(args.repeats)]
         cosines = [float(torch.nn.functional.cosine_similarity(a[0], b[0], dim=0))
                    for a, b in itertools.combinations(grads, 2)]
         mean = float(np.mean(cosines))

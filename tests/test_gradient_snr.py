@@ -18,9 +18,9 @@ def snr():
 
 def test_a_stage_gradient_depends_only_on_its_seed(snr):
     trainer = snr.make_trainer(prompts_per_stage=4, num_branches=3, rule="all")
-    g1, kept, _ = snr.stage_gradient(trainer, 4, branch_point=0, rule="all", seed=3)
-    g2, _, _ = snr.stage_gradient(trainer, 4, branch_point=0, rule="all", seed=3)
-    g3, _, _ = snr.stage_gradient(trainer, 4, branch_point=0, rule="all", seed=4)
+    g1, kept, _ = snr.stage_gradient(trainer, branch_point=0, seed=3)
+    g2, _, _ = snr.stage_gradient(trainer, branch_point=0, seed=3)
+    g3, _, _ = snr.stage_gradient(trainer, branch_point=0, seed=4)
     assert kept == 12 and g1.norm() > 0
     assert torch.nn.functional.cosine_similarity(g1, g2, dim=0) > 0.999
     assert torch.nn.functional.cosine_similarity(g1, g3, dim=0) < 0.999
