@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 # keys of a recorded sample that have a time axis (one entry per interval step)
-TIME_KEYS = ("timesteps", "latents", "next_latents", "log_probs", "ref_log_probs")
+TIME_KEYS = ("timesteps", "latents", "next_latents", "log_probs", "ref_log_probs", "ref_predictions")
 
 
 def shuffle(samples: dict[str, torch.Tensor], *, group_size: int = 1) -> dict[str, torch.Tensor]:
@@ -57,13 +57,21 @@ def step_chunks(num_steps: int, per_forward: int) -> list[slice]:
     return [slice(start, min(start + per_forward, num_steps)) for start in range(0, num_steps, per_forward)]
 
 
-def stack_steps(sample: dict[str, torch.Tensor], steps: slice) -> dict[str, torch.Tensor]:
+def stack_steps(sample: dict[str, torch.Tensor], steps: slice, *, group_size: int = 1) -> dict[str, torch.Tensor]:
     """
-    One row per (sample, step) for the interval steps `steps` of a micro-batch, sample-major: sample i's steps
-    are rows ``i*k .. i*k + k - 1``. Per-sample tensors (advantages, conditioning) are repeated to match.
+    One row per (sample, step) for the interval steps `steps` of a micro-batch. Sample-major: sample i's k steps
+    are rows ``i*k .. i*k + k - 1``; with groups, group-major and then step-major, so that the members of a group
+    at one step stay adjacent (rows ``2j`` and ``2j + 1`` are a pair at the same step). Per-sample tensors
+    (advantages, conditioning) are repeated to match.
     """
     k = steps.stop - steps.start
-    return {
-        key: value[:, steps].flatten(0, 1) if key in TIME_KEYS else value.repeat_interleave(k, dim=0)
-        for key, value in sample.items()
-    }
+    stacked = {}
+    for key, value in sample.items():
+        if key in TIME_KEYS:
+            value = value[:, steps]
+        else:
+            value = value.unsqueeze(1).expand(value.shape[0], k, *value.shape[1:])
+        if group_size > 1:
+            value = value.reshape(-1, group_size, k, *value.shape[2:]).transpose(1, 2)
+        stacked[key] = value.reshape(-1, *value.shape[(3 if group_size > 1 else 2):])
+    return stacked

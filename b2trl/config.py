@@ -7,6 +7,7 @@ from typing import Optional
 
 from trl import DDPOConfig
 
+from .losses import LOSS_TYPES
 from .samplers import DDIMSampler
 from .schedule import IntervalSchedule
 from .selection import SELECTION_RULES
@@ -56,6 +57,16 @@ class B2DiffuRLConfig(DDPOConfig):
         compile_unet_kwargs (`dict`, *optional*, defaults to `{}`):
             Keyword arguments for `torch.compile` when `compile_unet` is set (`mode`, `backend`, `dynamic`,
             `fullgraph`, `options`).
+        loss_type (`str`, *optional*, defaults to `"ppo"`):
+            `"ppo"`: PPO-clip on the kept samples' advantages. `"dpo"`: each kept group's best and worst branch form
+            a (winner, loser) pair (the `"pairs"` selection rule), trained with
+            ``-log σ(β (log r_w - log r_l))``, ``r = clamp(π_θ / π_ref, 1 - ε, 1 + ε)`` per interval step, against
+            the base model (LoRA disabled, or a frozen copy for full fine-tuning).
+        dpo_beta (`float`, *optional*, defaults to `0.1`):
+            β of the DPO loss.
+        kl_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of ``KL(π_θ ‖ π_ref)`` per trained step against the base model, added to the loss and logged as
+            `kl_ref`.
         resolution (`int` or `None`, *optional*, defaults to `None`):
             Image height and width in pixels; `None` uses the model's own size.
         gradient_checkpointing (`bool`, *optional*, defaults to `False`):
@@ -107,6 +118,24 @@ class B2DiffuRLConfig(DDPOConfig):
         },
     )
 
+    loss_type: str = field(
+        default="ppo",
+        metadata={
+            "help": "'ppo' (PPO-clip on the kept samples' advantages, the method) or 'dpo' (D3PO-style: each kept "
+            "group's best and worst branch as a (winner, loser) pair against the base model).",
+            "choices": list(LOSS_TYPES),
+        },
+    )
+    dpo_beta: float = field(
+        default=0.1, metadata={"help": "beta of the DPO loss (loss_type='dpo'): how sharply a pair's margin counts."}
+    )
+    kl_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of KL(policy || base model) per trained step, added to the loss (0: none). Counters "
+            "reward hacking; 0.01-0.04 is a common range."
+        },
+    )
     resolution: Optional[int] = field(
         default=None,
         metadata={
@@ -226,6 +255,21 @@ class B2DiffuRLConfig(DDPOConfig):
             )
         if self.selection_rule not in SELECTION_RULES:
             errors.append(f"selection_rule must be one of {SELECTION_RULES}, got {self.selection_rule!r}.")
+        if self.loss_type not in LOSS_TYPES:
+            errors.append(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        if not self.dpo_beta > 0:
+            errors.append(f"dpo_beta must be > 0, got {self.dpo_beta}.")
+        if not self.kl_coef >= 0:
+            errors.append(f"kl_coef must be >= 0 (0 turns the KL term off), got {self.kl_coef}.")
+        if self.loss_type == "dpo" and self.num_branches < 2:
+            errors.append(
+                f"loss_type='dpo' needs num_branches >= 2 (got {self.num_branches}): a pair is two branches of a group."
+            )
+        if self.loss_type == "dpo" and self.selection_rule == "all":
+            errors.append(
+                "loss_type='dpo' trains each group's best and worst branch as a pair; selection_rule='all' keeps "
+                "every branch. Use selection_rule='pairs' (or 'best_worst', which DPO treats as 'pairs')."
+            )
         if not self.train_clip_range > 0:
             errors.append(f"train_clip_range must be > 0, got {self.train_clip_range}.")
         if not self.train_adv_clip_max > 0:

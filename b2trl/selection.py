@@ -123,6 +123,16 @@ def select_pairs(z: np.ndarray, min_gap: float) -> np.ndarray:
     return keep
 
 
+def kept_pairs(z: np.ndarray, keep: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(group, best, worst)`` of every group with kept samples: its highest and lowest kept branch by `z`."""
+    z = np.asarray(z, dtype=np.float64)
+    found = []
+    for g in np.flatnonzero(keep.any(axis=1)):
+        members = np.flatnonzero(keep[g])
+        found.append((int(g), int(members[np.argmax(z[g, members])]), int(members[np.argmin(z[g, members])])))
+    return found
+
+
 def pair_advantages(z: np.ndarray, keep: np.ndarray, clip: float) -> np.ndarray:
     """
     Advantages for [`select_pairs`]: the kept best branch gets ``+gap/2`` and the kept worst ``-gap/2``, where
@@ -130,9 +140,7 @@ def pair_advantages(z: np.ndarray, keep: np.ndarray, clip: float) -> np.ndarray:
     """
     z = np.asarray(z, dtype=np.float64)
     adv = np.zeros(z.shape)
-    for g in np.flatnonzero(keep.any(axis=1)):
-        members = np.flatnonzero(keep[g])
-        hi, lo = members[np.argmax(z[g, members])], members[np.argmin(z[g, members])]
+    for g, hi, lo in kept_pairs(z, keep):
         half = min((z[g, hi] - z[g, lo]) / 2, clip)
         adv[g, hi], adv[g, lo] = half, -half
     return adv
@@ -183,3 +191,24 @@ def pad_rows(keep: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
     extra = np.resize(pool, target - len(kept)) if target > len(kept) else np.zeros(0, dtype=np.int64)
     rows = np.concatenate([kept, extra]).astype(np.int64)
     return rows, np.arange(target) >= len(kept)
+
+
+def pair_rows(z: np.ndarray, keep: np.ndarray, target_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """
+    Row indices (into the flattened ``(groups, branches)`` samples) of each kept group's (winner, loser) pair by
+    `z`, winners at even positions, padded to `target_pairs` pairs with other rows.
+
+    Padding pairs get weight 0 (no loss, no gradient): they only make every process run the same number of
+    backward passes, which DDP's all-reduce requires.
+
+    Returns:
+        `(rows, row_weight)`: ``2 * target_pairs`` int64 indices and a float mask, 1 for a real pair's rows.
+    """
+    branches = np.shape(z)[1]
+    pairs = [(g * branches + hi, g * branches + lo) for g, hi, lo in kept_pairs(z, keep)]
+    if target_pairs < len(pairs):
+        raise ValueError(f"target_pairs ({target_pairs}) is smaller than the number of kept pairs ({len(pairs)}).")
+    padding = np.resize(np.arange(np.size(z)), 2 * (target_pairs - len(pairs)))
+    rows = np.concatenate([np.asarray(pairs, dtype=np.int64).reshape(-1), padding.astype(np.int64)])
+    weight = (np.arange(2 * target_pairs) < 2 * len(pairs)).astype(np.float32)
+    return rows, weight

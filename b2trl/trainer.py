@@ -25,11 +25,12 @@ from . import batching
 from . import checkpoint as ckpt
 from .config import B2DiffuRLConfig
 from .losses import LossOutput, build_loss
+from .losses.reference import ReferencePolicy
 from .models import Conditioning, family_for_pipeline
 from .pipeline import build_accelerator
 from .rollout import SampleBatch, branch_rollout
 from .scoring import call_reward_function, callable_name, check_rewards, next_prompt, reward_components
-from .selection import PromptRewardHistory, pad_rows, select, stage_advantages
+from .selection import PromptRewardHistory, pad_rows, pair_rows, select, stage_advantages
 from .timing import PhaseTimer
 
 logger = logging.get_logger(__name__)
@@ -119,6 +120,9 @@ class B2DiffuRLTrainer(DDPOTrainer):
             # train through the prepared module so that DDP sees the forward and all-reduces gradients
             self.training_denoiser, self.optimizer = self.accelerator.prepare(trainable, optimizer)
             self.trainable_params = [p for p in self.training_denoiser.parameters() if p.requires_grad]
+        self.reference = None
+        if self.loss_fn.needs_reference or config.kl_coef > 0:
+            self.reference = ReferencePolicy(self.denoiser, use_lora=self.use_lora, dtype=self.inference_dtype)
         if config.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         if config.compile_unet:
@@ -147,10 +151,13 @@ class B2DiffuRLTrainer(DDPOTrainer):
         """The prepared (possibly DDP-wrapped) denoiser that training runs through (kept for TRL's name)."""
         return self.training_denoiser
 
+    @property
+    def inference_dtype(self) -> torch.dtype:
+        """The dtype of the frozen parts (VAE, text encoders, the LoRA base): the mixed precision's."""
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+
     def _place_modules(self) -> None:
-        inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.accelerator.mixed_precision, torch.float32
-        )
+        inference_dtype = self.inference_dtype
         device, pipe = self.accelerator.device, self.sd_pipeline.sd_pipeline
         for name in ("vae",) + self.family.text_encoder_names:
             module = getattr(pipe, name, None)
@@ -281,8 +288,10 @@ class B2DiffuRLTrainer(DDPOTrainer):
         ``(groups, branches)``."""
         config = self.config
         z = z.reshape(-1, config.num_branches)
-        keep = select(z, config.selection_rule, config.selection_threshold_best, config.selection_threshold_worst)
-        return keep, stage_advantages(z, keep, config.selection_rule, config.train_adv_clip_max)
+        # a loss over pairs trains each kept group's best and worst branch together
+        rule = "pairs" if self.loss_fn.group_size == 2 else config.selection_rule
+        keep = select(z, rule, config.selection_threshold_best, config.selection_threshold_worst)
+        return keep, stage_advantages(z, keep, rule, config.train_adv_clip_max)
 
     def stage_statistics(self, stage, branch_point, batches, all_rewards, keep, advantages) -> dict:
         """Rewards, interval and selection counts of the stage, summed over processes."""
@@ -313,10 +322,17 @@ class B2DiffuRLTrainer(DDPOTrainer):
         return stats
 
     def train_kept(self, samples: dict, keep: np.ndarray, advantages: np.ndarray, stats: dict, global_step: int) -> int:
-        """Train on the kept samples (every process the same number of rows: padding rows have advantage 0)."""
+        """
+        Train on the kept samples (or, for a pair loss, the kept groups' (winner, loser) pairs). Every process
+        trains the same number of rows: padding rows have weight 0 (and advantage 0), so they add no gradient.
+        """
         config, device = self.config, self.accelerator.device
-        counts = self.accelerator.gather(torch.tensor([int(keep.sum())], device=device)).cpu()
-        if int(counts.max()) == 0:
+        pairs = self.loss_fn.group_size == 2
+        local = int(keep.any(1).sum()) if pairs else int(keep.sum())
+        target = int(self.accelerator.gather(torch.tensor([local], device=device)).max())
+        if pairs:
+            stats["pairs_kept"] = stats["groups_kept"]
+        if target == 0:
             logger.warning(
                 f"Stage {stats['stage']}: no group passed the selection thresholds "
                 f"({config.selection_threshold_best}, {config.selection_threshold_worst}); skipping the update."
@@ -324,10 +340,17 @@ class B2DiffuRLTrainer(DDPOTrainer):
             stats["skipped_update"] = 1
             return global_step
         stats["skipped_update"] = 0
-        rows, is_padding = pad_rows(keep.reshape(-1), int(counts.max()))
+        if pairs:
+            rows, weight = pair_rows(advantages, keep, target)
+        else:
+            rows, is_padding = pad_rows(keep.reshape(-1), target)
+            weight = (~is_padding).astype(np.float32)
         kept = {k: v[rows] for k, v in samples.items()}
-        advantages = torch.as_tensor(advantages.reshape(-1)[rows], dtype=torch.float32, device=device)
-        kept["advantages"] = advantages.masked_fill(torch.as_tensor(is_padding, device=device), 0.0)
+        kept["row_weight"] = torch.as_tensor(weight, device=device)
+        kept["advantages"] = torch.as_tensor(advantages.reshape(-1)[rows], dtype=torch.float32, device=device)
+        kept["advantages"] = kept["advantages"] * kept["row_weight"]
+        if self.reference is not None:
+            kept.update(self.reference_pass(kept))
         global_step, train_stats = self._train_stage(kept, stats["stage"], global_step)
         stats.update(train_stats)
         return global_step
@@ -436,29 +459,73 @@ class B2DiffuRLTrainer(DDPOTrainer):
                         last = b_index == len(window) - 1 and steps.stop == num_timesteps
                         sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.training_denoiser)
                         with sync:
-                            out = self.micro_batch_loss(batching.stack_steps(sample, steps))
+                            out = self.micro_batch_loss(batching.stack_steps(sample, steps, group_size=group))
                             # the loss is a mean over k steps' rows: it stands for k single-step losses
                             self.accelerator.backward(out.loss * weight * k)
-                        info["loss"].append(out.loss.detach())
+                        info["loss"].append((out.loss.detach(), 1.0))
                         for name, value in out.stats.items():
-                            info[name].append(value.detach())
+                            info[name].append((value.detach(), out.weights.get(name, 1.0)))
                 grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, config.train_max_grad_norm)
                 if grad_norm is not None:
-                    info["grad_norm"].append(torch.as_tensor(grad_norm, device=device).float())
+                    info["grad_norm"].append((torch.as_tensor(grad_norm, device=device).float(), 1.0))
                 self.optimizer.step()
                 self.optimizer.zero_grad()
                 global_step += 1
-        stats = {k: torch.stack(v).float().mean() for k, v in info.items()}
-        stats = {k: float(v) for k, v in self.accelerator.reduce(stats, reduction="mean").items()}
+        # weighted means over micro-batches and processes (a statistic of the real pairs leaves out the padding)
+        sums = {k: torch.stack([torch.as_tensor(w, device=device).float() * v.float() for v, w in pairs]).sum()
+                for k, pairs in info.items()}
+        counts = {k: torch.stack([torch.as_tensor(w, device=device).float() for _, w in pairs]).sum()
+                  for k, pairs in info.items()}
+        sums, counts = self.accelerator.reduce(sums, reduction="sum"), self.accelerator.reduce(counts, reduction="sum")
+        stats = {k: float(sums[k] / counts[k].clamp(min=1e-12)) for k in sums}
         stats["optimizer_steps"] = global_step - first_step
         return global_step, stats
 
     def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
-        """The loss of one micro-batch of transitions (one row per sample and interval step)."""
-        log_prob = self.transition_log_prob(
+        """The loss of one micro-batch of transitions (one row per sample and interval step), plus
+        ``kl_coef * KL(π_θ ‖ π_ref)`` when the KL term is on."""
+        prediction, log_prob = self._policy_step(
             batch["latents"], batch["timesteps"], batch["next_latents"], Conditioning.from_rows(batch)
         )
-        return self.loss_fn(log_prob, batch)
+        out = self.loss_fn(log_prob, batch)
+        if self.config.kl_coef > 0:
+            kl = self.sampler.kl_divergence(
+                self.sd_pipeline.scheduler, prediction, batch["ref_predictions"], batch["timesteps"], batch["latents"]
+            )
+            weight = batch.get("row_weight", torch.ones_like(kl))
+            out.loss = out.loss + self.config.kl_coef * torch.mean(kl * weight)
+            out.stats["kl_ref"] = (kl.detach() * weight).sum() / weight.sum().clamp(min=1)
+            out.weights["kl_ref"] = weight.sum()
+        return out
+
+    @torch.no_grad()
+    def reference_pass(self, kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """
+        The reference policy's view of every kept transition, computed once per stage without gradients:
+        ``ref_log_probs`` ``(rows, L)`` for a loss that needs them, and ``ref_predictions`` (the reference
+        denoiser's guided prediction per step) for the KL term.
+        """
+        rows, num_steps = kept["timesteps"].shape
+        flat = batching.stack_steps(kept, slice(0, num_steps))
+        conditioning = Conditioning.from_rows(flat)
+        chunk = self.config.train_batch_size * self.config.train_timesteps_per_forward
+        log_probs, predictions = [], []
+        with self.reference.active() as denoiser, self.autocast():
+            for start in range(0, rows * num_steps, chunk):
+                part = slice(start, min(start + chunk, rows * num_steps))
+                latents, timesteps = flat["latents"][part], flat["timesteps"][part]
+                prediction = self.family.predict(
+                    denoiser, latents, timesteps, conditioning.index(part), self.config.sample_guidance_scale
+                )
+                step = self.sampler.step(
+                    self.sd_pipeline.scheduler, prediction, timesteps, latents, prev_sample=flat["next_latents"][part]
+                )
+                log_probs.append(step.log_prob)
+                predictions.append(prediction)
+        out = {"ref_log_probs": torch.cat(log_probs).reshape(rows, num_steps)}
+        if self.config.kl_coef > 0:
+            out["ref_predictions"] = torch.cat(predictions).reshape(rows, num_steps, *predictions[0].shape[1:])
+        return out
 
     def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, conditioning: Conditioning):
         """
@@ -478,12 +545,17 @@ class B2DiffuRLTrainer(DDPOTrainer):
 
     def transition_log_prob(self, latents, timesteps, next_latents, conditioning: Conditioning) -> torch.Tensor:
         """Log-probability of ``latents -> next_latents`` under the current policy (with gradients)."""
+        return self._policy_step(latents, timesteps, next_latents, conditioning)[1]
+
+    def _policy_step(self, latents, timesteps, next_latents, conditioning):
+        """The current policy's guided prediction and its log-probability of the transitions (with gradients)."""
         with self.autocast():
             prediction = self.family.predict(
                 self.training_denoiser, latents, timesteps, conditioning, self.config.sample_guidance_scale
             )
             scheduler = self.sd_pipeline.scheduler
-            return self.sampler.step(scheduler, prediction, timesteps, latents, prev_sample=next_latents).log_prob
+            step = self.sampler.step(scheduler, prediction, timesteps, latents, prev_sample=next_latents)
+            return prediction, step.log_prob
 
     # ------------------------------------------------------------------ saving
 

@@ -41,6 +41,18 @@ def test_two_processes_stay_identical_with_different_kept_counts(tiny_model_dir,
     assert stages[-1]["weight_norm"] != stages[0]["weight_norm"]  # and the shared weights trained
 
 
+def test_two_processes_with_uneven_pair_counts_stay_identical_under_the_dpo_loss(tiny_model_dir, tmp_path):
+    stages = _torchrun(tiny_model_dir, tmp_path, "--epochs", "3", "--loss-type", "dpo")
+    assert [s["stage"] for s in stages] == [0, 1, 2]
+    for s in stages:
+        assert s["max_weight_diff_across_ranks"] == 0.0
+        assert s["kept_per_rank"][1] == 0  # rank 1's rewards are flat: it has no pair and runs padding pairs
+        assert s["pairs_kept"] == s["kept_per_rank"][0] // 2
+    trained = [s for s in stages if s["skipped_update"] == 0]
+    assert trained and all("dpo_margin" in s and s["optimizer_steps"] > 0 for s in trained)
+    assert stages[-1]["weight_norm"] != stages[0]["weight_norm"] or trained == stages[-1:]
+
+
 def test_plain_ddpo_lets_the_processes_drift_apart(tiny_model_dir, tmp_path):
     (control,) = _torchrun(tiny_model_dir, tmp_path, "--epochs", "2", "--plain-ddpo")
     assert control["max_weight_diff_across_ranks"] > 1e-4

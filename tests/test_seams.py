@@ -214,3 +214,14 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
         grads.append(torch.cat([p.grad.reshape(-1) for p in trainer.trainable_params]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
     assert grads[0].abs().sum() > 0
+
+
+def test_stacked_steps_keep_the_members_of_a_pair_adjacent_at_each_step():
+    # rows 0/1 are a pair, rows 2/3 another; values encode (row, step)
+    sample = {
+        "log_probs": torch.arange(4)[:, None] * 10.0 + torch.arange(3)[None, :],
+        "row_weight": torch.tensor([1.0, 1.0, 0.0, 0.0]),
+    }
+    stacked = batching.stack_steps(sample, slice(1, 3), group_size=2)
+    assert stacked["log_probs"].tolist() == [1.0, 11.0, 2.0, 12.0, 21.0, 31.0, 22.0, 32.0]
+    assert stacked["row_weight"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]

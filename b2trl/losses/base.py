@@ -15,10 +15,13 @@ class LossOutput:
     Attributes:
         loss: a scalar, the mean over the micro-batch's transitions.
         stats: scalar tensors to average over the stage and log (e.g. ``approx_kl``, ``clipfrac``).
+        weights: for a statistic that is a mean over part of the micro-batch (e.g. the real pairs, not the
+            padding), how many items it averages; the stage's value is then the weighted mean. Others weigh 1.
     """
 
     loss: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class TrainingLoss:
@@ -27,16 +30,20 @@ class TrainingLoss:
 
     The trainer computes the current policy's log-probability of each transition of a micro-batch and calls the
     loss with it and the micro-batch (a dict of tensors, one row per transition: ``log_probs`` recorded while
-    sampling, ``advantages``, ``timesteps``, ...). A new loss is one module in ``b2trl/losses/``.
+    sampling, ``advantages``, ``timesteps``, ``ref_log_probs`` when `needs_reference`, ...). A new loss is one
+    module in ``b2trl/losses/`` and one entry in ``build_loss``.
 
     Class attributes:
         name: the value of `B2DiffuRLConfig.loss_type` that selects it.
         group_size: rows that must stay together in a micro-batch and be trained at the same interval step
             (2 for a loss over (winner, loser) pairs).
+        needs_reference: whether the micro-batch must carry ``ref_log_probs``, the reference policy's
+            log-probabilities of its transitions.
     """
 
     name: str = ""
     group_size: int = 1
+    needs_reference: bool = False
 
     def __call__(self, log_prob: torch.Tensor, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError

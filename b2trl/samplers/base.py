@@ -63,6 +63,22 @@ class Sampler:
         """
         raise NotImplementedError
 
+    def mean_and_std(self, scheduler, model_output, timestep, sample) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's Gaussian: its mean ``(B, ...)`` and standard deviation (broadcastable to the mean)."""
+        raise NotImplementedError
+
+    def kl_divergence(self, scheduler, model_output, reference_output, timestep, sample) -> torch.Tensor:
+        """
+        ``KL(π_θ ‖ π_ref)`` of one step from `sample` for each row, where the two policies' predictions are
+        `model_output` and `reference_output`. Both Gaussians share the step's standard deviation, so the KL is
+        the squared distance between their means over twice the variance, averaged over the latent's dimensions
+        (as the log-probability is).
+        """
+        mean, std = self.mean_and_std(scheduler, model_output, timestep, sample)
+        reference_mean, _ = self.mean_and_std(scheduler, reference_output, timestep, sample)
+        kl = (mean.float() - reference_mean.float()) ** 2 / (2 * std.float() ** 2)
+        return kl.mean(dim=tuple(range(1, kl.ndim)))
+
     def timestep_batch(self, timestep, batch_size: int, device) -> torch.Tensor:
         """`timestep` as one entry per row, in the dtype the denoiser takes (integer steps for DDIM)."""
         return torch.full((batch_size,), int(timestep), device=device, dtype=torch.long)

@@ -23,6 +23,7 @@ parser.add_argument("--epochs", type=int, default=4)
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds each reward call waits (a slow reward)")
 parser.add_argument("--stats", default=None, help="append each stage's stats here as JSON lines")
 parser.add_argument("--distributed", action="store_true", help="per-rank prompts and a weight check per stage")
+parser.add_argument("--loss-type", default="ppo", help="B2DiffuRLConfig.loss_type")
 parser.add_argument("--plain-ddpo", action="store_true", help="run TRL's DDPOTrainer instead (a control)")
 args = parser.parse_args()
 
@@ -50,6 +51,7 @@ config = small_config(
     project_kwargs={"project_dir": args.project_dir},
     accelerator_kwargs=accelerator_kwargs,
     train_learning_rate=1e-2,
+    loss_type=args.loss_type,
 )
 if args.plain_ddpo:
     from trl import DDPOConfig, DDPOTrainer
