@@ -52,6 +52,34 @@ def accumulation_windows(
     return [batches[i : i + accumulation_steps] for i in range(0, len(batches), accumulation_steps)]
 
 
+def micro_batches(
+    samples: dict[str, torch.Tensor],
+    *,
+    batch_size: int,
+    accumulation_steps: int,
+    steps_per_forward: int = 1,
+    group_size: int = 1,
+):
+    """
+    One pass over a stage's samples, shuffled: yields ``(batch, scale, closes_window)`` per denoiser call.
+
+    `batch` holds a micro-batch's rows for `steps_per_forward` interval steps (see [`stack_steps`]); its loss is
+    a mean over those rows, and ``loss * scale`` is its share of the window's average over samples x steps;
+    `closes_window` is true for the last call before an optimizer step (where gradients are synchronised).
+    """
+    total, num_steps = samples["timesteps"].shape
+    shuffled = shuffle(samples, group_size=group_size)
+    for window in accumulation_windows(total, batch_size, accumulation_steps, group_size=group_size):
+        window_rows = sum(b.stop - b.start for b in window)
+        for index, rows in enumerate(window):
+            sample = {k: v[rows] for k, v in shuffled.items()}
+            weight = (rows.stop - rows.start) / (window_rows * num_steps)
+            for steps in step_chunks(num_steps, steps_per_forward):
+                closes = index == len(window) - 1 and steps.stop == num_steps
+                # a loss that is a mean over k steps' rows stands for k single-step losses
+                yield stack_steps(sample, steps, group_size=group_size), weight * (steps.stop - steps.start), closes
+
+
 def step_chunks(num_steps: int, per_forward: int) -> list[slice]:
     """Interval steps `per_forward` at a time: the steps stacked into one denoiser call."""
     return [slice(start, min(start + per_forward, num_steps)) for start in range(0, num_steps, per_forward)]

@@ -18,18 +18,31 @@ CITATION = """@inproceedings{hu2025towards,
 TAGS = ["lora", "b2-diffurl", "text-to-image", "trl", "diffusers", "stable-diffusion", "reinforcement-learning"]
 
 
-def save_trained_weights(ddpo_pipeline, unet, save_directory: str, *, use_lora: bool) -> None:
-    """Write a LoRA (diffusers key layout) or, for full fine-tuning, the whole pipeline to `save_directory`."""
+def save_trained(trainer, save_directory: str, **card_kwargs) -> None:
+    """
+    Write what `trainer` trained to `save_directory` (call on the main process): LoRA weights in diffusers' layout,
+    or the whole pipeline after full fine-tuning, and the model card (`card_kwargs` go to [`build_model_card`]).
+    """
     os.makedirs(save_directory, exist_ok=True)
-    pipe = ddpo_pipeline.sd_pipeline
-    if use_lora:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        type(pipe).save_lora_weights(save_directory, unet_lora_layers=layers, safe_serialization=True)
+    if trainer.use_lora:
+        trainer.family.save_lora(trainer.accelerator.unwrap_model(trainer.training_denoiser), save_directory)
     else:
-        pipe.save_pretrained(save_directory, safe_serialization=True)
+        trainer.sd_pipeline.sd_pipeline.save_pretrained(save_directory, safe_serialization=True)
+    build_model_card(trainer, **card_kwargs).save(os.path.join(save_directory, "README.md"))
+
+
+def push_trained(trainer, repo_id: str, *, token=None, private=None, commit_message: str = "", **card_kwargs):
+    """Save what `trainer` trained into a temporary folder and upload it to `repo_id` (every process calls this;
+    the main process uploads and gets the URL, the others `None`)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        trainer.save_pretrained(folder, repo_id=repo_id, **card_kwargs)
+        url = None
+        if trainer.accelerator.is_main_process:
+            url = push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
+        trainer.accelerator.wait_for_everyone()
+    return url
 
 
 def _toy_model_path() -> str:

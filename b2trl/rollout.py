@@ -39,6 +39,23 @@ class BranchRollout:
     branch_latents: torch.Tensor
     num_branches: int
 
+    def transitions(self, conditioning: Conditioning) -> dict[str, torch.Tensor]:
+        """The recorded interval as a DDPO-layout sample dict, with each prompt's `conditioning` (one row per
+        prompt) repeated for its branches under ``cond.*``/``uncond.*`` keys."""
+        return {
+            **conditioning.repeat_interleave(self.num_branches).to_rows(),
+            "timesteps": self.timesteps,
+            "latents": self.latents,
+            "next_latents": self.next_latents,
+            "log_probs": self.log_probs,
+        }
+
+    def sample_batch(self, prompts, prompt_metadata) -> "SampleBatch":
+        """The images with each prompt and its metadata repeated for its branches, for the reward function."""
+        n = self.num_branches
+        repeated_prompts = tuple(p for p in prompts for _ in range(n))
+        return SampleBatch([self.images, repeated_prompts, tuple(m for m in prompt_metadata for _ in range(n))])
+
 
 class SampleBatch(list):
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import torch
 from accelerate import logging
 
@@ -86,3 +87,32 @@ def reward_components(rewards_metadata) -> dict[str, float]:
     values = {name: torch.cat(v) for name, v in parts.items()}
     # a part may have no values this stage (e.g. a relation score when no prompt had a relation)
     return {f"reward/{name}": float(v.mean()) for name, v in values.items() if v.numel()}
+
+
+def stage_statistics(accelerator, config, stage, branch_point, batches, all_rewards, keep, advantages) -> dict:
+    """A stage's rewards, interval, and selection counts summed over processes (every process calls this)."""
+    # how kept samples are pushed up vs down: when the advantages sum far below zero, the update mostly pushes
+    # likelihoods down, which degrades a model faster than the positive samples teach it
+    kept_adv = advantages[keep]
+    local = [float((kept_adv > 0).sum()), float((kept_adv < 0).sum()), float(kept_adv.sum()),
+             float(keep.any(1).sum()), float(keep.sum())]
+    positive, negative, adv_sum, groups_kept, kept = (
+        accelerator.gather(torch.tensor(local, device=accelerator.device)).reshape(-1, 5).sum(0).tolist()
+    )
+    stats = {
+        "stage": stage,
+        "reward_mean": float(np.nanmean(all_rewards)),
+        "reward_std": float(np.nanstd(all_rewards)),
+        "rewards_dropped": int(np.isnan(all_rewards).sum()),
+        "interval_length": config.sample_num_steps - branch_point,
+        "branch_point": branch_point,
+        "groups_kept": int(groups_kept),
+        "groups_total": int(keep.shape[0] * accelerator.num_processes),
+        "samples_kept": int(kept),
+        "samples_total": int(all_rewards.size),
+        "samples_kept_positive": int(positive),
+        "samples_kept_negative": int(negative),
+        "kept_advantage_sum": float(adv_sum),
+    }
+    stats.update(reward_components([batch.reward_metadata for batch in batches]))
+    return stats

@@ -173,6 +173,12 @@ def stage_advantages(z: np.ndarray, keep: np.ndarray, rule: str, clip: float) ->
     return advantages_from_z(z, clip)
 
 
+def training_rows(keep: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """[`pad_rows`] with the padding as a weight: ``(rows, row_weight)``, weight 1 for kept rows, 0 for padding."""
+    rows, is_padding = pad_rows(keep, target)
+    return rows, (~is_padding).astype(np.float32)
+
+
 def pad_rows(keep: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
     """
     Row indices of the kept samples, padded to `target` rows with other (or repeated) rows.

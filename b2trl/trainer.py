@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import defaultdict
 from concurrent import futures
 from typing import Any, Callable, Optional
 
@@ -25,12 +24,13 @@ from . import batching
 from . import checkpoint as ckpt
 from .config import B2DiffuRLConfig
 from .losses import LossOutput, build_loss
+from .losses.base import StageStatistics
 from .losses.reference import ReferencePolicy
 from .models import Conditioning, family_for_pipeline
 from .pipeline import build_accelerator
 from .rollout import SampleBatch, branch_rollout
-from .scoring import call_reward_function, callable_name, check_rewards, next_prompt, reward_components
-from .selection import PromptRewardHistory, pad_rows, pair_rows, select, stage_advantages
+from .scoring import call_reward_function, callable_name, check_rewards, next_prompt, stage_statistics
+from .selection import PromptRewardHistory, pair_rows, select, stage_advantages, training_rows
 from .timing import PhaseTimer
 
 logger = logging.get_logger(__name__)
@@ -93,7 +93,7 @@ class B2DiffuRLTrainer(DDPOTrainer):
         self.sd_pipeline = sd_pipeline
         self.sd_pipeline.set_progress_bar_config(disable=True)
         self.use_lora = bool(getattr(sd_pipeline, "use_lora", False))
-        self._place_modules()
+        self.family.place(self.sd_pipeline.sd_pipeline, self.accelerator.device, self.inference_dtype, self.use_lora)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -155,20 +155,6 @@ class B2DiffuRLTrainer(DDPOTrainer):
     def inference_dtype(self) -> torch.dtype:
         """The dtype of the frozen parts (VAE, text encoders, the LoRA base): the mixed precision's."""
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
-
-    def _place_modules(self) -> None:
-        inference_dtype = self.inference_dtype
-        device, pipe = self.accelerator.device, self.sd_pipeline.sd_pipeline
-        for name in ("vae",) + self.family.text_encoder_names:
-            module = getattr(pipe, name, None)
-            if module is not None:
-                module.to(device, dtype=inference_dtype)
-        # full fine-tuning keeps fp32 master weights; with LoRA only the frozen base is cast down
-        self.denoiser.to(device, dtype=inference_dtype if self.use_lora else torch.float32)
-
-    def _config_check(self) -> tuple[bool, str]:
-        errors = self.config.validation_errors()
-        return (not errors, "\n".join(errors))
 
     def _save_model_hook(self, models, weights, output_dir):
         unwrapped = self.accelerator.unwrap_model(models[0])
@@ -236,7 +222,8 @@ class B2DiffuRLTrainer(DDPOTrainer):
         self.call_image_hook(batches, global_step)
         z, all_rewards = self.z_scores(batches)
         keep, advantages = self.select_samples(z)
-        stats = self.stage_statistics(stage, branch_point, batches, all_rewards, keep, advantages)
+        stats = stage_statistics(self.accelerator, self.config, stage, branch_point, batches, all_rewards, keep,
+                                 advantages)
         with timer("training"):
             global_step = self.train_kept(samples, keep, advantages, stats, global_step)
         stats.update(timer.stats())
@@ -293,34 +280,6 @@ class B2DiffuRLTrainer(DDPOTrainer):
         keep = select(z, rule, config.selection_threshold_best, config.selection_threshold_worst)
         return keep, stage_advantages(z, keep, rule, config.train_adv_clip_max)
 
-    def stage_statistics(self, stage, branch_point, batches, all_rewards, keep, advantages) -> dict:
-        """Rewards, interval and selection counts of the stage, summed over processes."""
-        # how kept samples are pushed up vs down: when the advantages sum far below zero, the update mostly pushes
-        # likelihoods down, which degrades a model faster than the positive samples teach it
-        kept_adv = advantages[keep]
-        local = [float((kept_adv > 0).sum()), float((kept_adv < 0).sum()), float(kept_adv.sum()),
-                 float(keep.any(1).sum()), float(keep.sum())]
-        positive, negative, adv_sum, groups_kept, kept = (
-            self.accelerator.gather(torch.tensor(local, device=self.accelerator.device)).reshape(-1, 5).sum(0).tolist()
-        )
-        stats = {
-            "stage": stage,
-            "reward_mean": float(np.nanmean(all_rewards)),
-            "reward_std": float(np.nanstd(all_rewards)),
-            "rewards_dropped": int(np.isnan(all_rewards).sum()),
-            "interval_length": self.config.sample_num_steps - branch_point,
-            "branch_point": branch_point,
-            "groups_kept": int(groups_kept),
-            "groups_total": int(keep.shape[0] * self.accelerator.num_processes),
-            "samples_kept": int(kept),
-            "samples_total": int(all_rewards.size),
-            "samples_kept_positive": int(positive),
-            "samples_kept_negative": int(negative),
-            "kept_advantage_sum": float(adv_sum),
-        }
-        stats.update(reward_components([batch.reward_metadata for batch in batches]))
-        return stats
-
     def train_kept(self, samples: dict, keep: np.ndarray, advantages: np.ndarray, stats: dict, global_step: int) -> int:
         """
         Train on the kept samples (or, for a pair loss, the kept groups' (winner, loser) pairs). Every process
@@ -340,11 +299,7 @@ class B2DiffuRLTrainer(DDPOTrainer):
             stats["skipped_update"] = 1
             return global_step
         stats["skipped_update"] = 0
-        if pairs:
-            rows, weight = pair_rows(advantages, keep, target)
-        else:
-            rows, is_padding = pad_rows(keep.reshape(-1), target)
-            weight = (~is_padding).astype(np.float32)
+        rows, weight = pair_rows(advantages, keep, target) if pairs else training_rows(keep.reshape(-1), target)
         kept = {k: v[rows] for k, v in samples.items()}
         kept["row_weight"] = torch.as_tensor(weight, device=device)
         kept["advantages"] = torch.as_tensor(advantages.reshape(-1)[rows], dtype=torch.float32, device=device)
@@ -399,24 +354,8 @@ class B2DiffuRLTrainer(DDPOTrainer):
                     chunk_size=config.rollout_chunk_size,
                     image_size=self.image_size,
                 )
-            samples.append(
-                {
-                    **conditioning.repeat_interleave(n).to_rows(),
-                    "timesteps": rollout.timesteps,
-                    "latents": rollout.latents,
-                    "next_latents": rollout.next_latents,
-                    "log_probs": rollout.log_probs,
-                }
-            )
-            batches.append(
-                SampleBatch(
-                    [
-                        rollout.images,
-                        tuple(p for p in prompts for _ in range(n)),
-                        tuple(m for m in prompt_metadata for _ in range(n)),
-                    ]
-                )
-            )
+            samples.append(rollout.transitions(conditioning))
+            batches.append(rollout.sample_batch(prompts, prompt_metadata))
         return samples, batches
 
     def _next_prompt(self) -> tuple[str, Any]:
@@ -438,46 +377,31 @@ class B2DiffuRLTrainer(DDPOTrainer):
         process holds the same number of rows here, so all run the same number of backward passes and
         optimizer steps.
         """
-        config, device = self.config, self.accelerator.device
-        total, num_timesteps = samples["timesteps"].shape
-        group = self.loss_fn.group_size
-        info = defaultdict(list)
+        config = self.config
+        info = StageStatistics()
         first_step = global_step
         self.training_denoiser.train()
         for _ in range(config.train_num_inner_epochs):
-            shuffled = batching.shuffle(samples, group_size=group)
-            windows = batching.accumulation_windows(
-                total, config.train_batch_size, config.train_gradient_accumulation_steps, group_size=group
-            )
-            for window in windows:
-                window_rows = sum(b.stop - b.start for b in window)
-                for b_index, rows in enumerate(window):
-                    sample = {k: v[rows] for k, v in shuffled.items()}
-                    weight = (rows.stop - rows.start) / (window_rows * num_timesteps)
-                    for steps in batching.step_chunks(num_timesteps, config.train_timesteps_per_forward):
-                        k = steps.stop - steps.start
-                        last = b_index == len(window) - 1 and steps.stop == num_timesteps
-                        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.training_denoiser)
-                        with sync:
-                            out = self.micro_batch_loss(batching.stack_steps(sample, steps, group_size=group))
-                            # the loss is a mean over k steps' rows: it stands for k single-step losses
-                            self.accelerator.backward(out.loss * weight * k)
-                        info["loss"].append((out.loss.detach(), 1.0))
-                        for name, value in out.stats.items():
-                            info[name].append((value.detach(), out.weights.get(name, 1.0)))
-                grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, config.train_max_grad_norm)
-                if grad_norm is not None:
-                    info["grad_norm"].append((torch.as_tensor(grad_norm, device=device).float(), 1.0))
-                self.optimizer.step()
-                self.optimizer.zero_grad()
-                global_step += 1
-        # weighted means over micro-batches and processes (a statistic of the real pairs leaves out the padding)
-        sums = {k: torch.stack([torch.as_tensor(w, device=device).float() * v.float() for v, w in pairs]).sum()
-                for k, pairs in info.items()}
-        counts = {k: torch.stack([torch.as_tensor(w, device=device).float() for _, w in pairs]).sum()
-                  for k, pairs in info.items()}
-        sums, counts = self.accelerator.reduce(sums, reduction="sum"), self.accelerator.reduce(counts, reduction="sum")
-        stats = {k: float(sums[k] / counts[k].clamp(min=1e-12)) for k in sums}
+            for batch, scale, closes_window in batching.micro_batches(
+                samples,
+                batch_size=config.train_batch_size,
+                accumulation_steps=config.train_gradient_accumulation_steps,
+                steps_per_forward=config.train_timesteps_per_forward,
+                group_size=self.loss_fn.group_size,
+            ):
+                sync = contextlib.nullcontext() if closes_window else self.accelerator.no_sync(self.training_denoiser)
+                with sync:
+                    out = self.micro_batch_loss(batch)
+                    self.accelerator.backward(out.loss * scale)
+                info.add_output(out)
+                if closes_window:
+                    grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, config.train_max_grad_norm)
+                    if grad_norm is not None:
+                        info.add("grad_norm", grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                    global_step += 1
+        stats = info.means(self.accelerator)
         stats["optimizer_steps"] = global_step - first_step
         return global_step, stats
 
@@ -498,34 +422,15 @@ class B2DiffuRLTrainer(DDPOTrainer):
             out.weights["kl_ref"] = weight.sum()
         return out
 
-    @torch.no_grad()
     def reference_pass(self, kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """
-        The reference policy's view of every kept transition, computed once per stage without gradients:
-        ``ref_log_probs`` ``(rows, L)`` for a loss that needs them, and ``ref_predictions`` (the reference
-        denoiser's guided prediction per step) for the KL term.
-        """
-        rows, num_steps = kept["timesteps"].shape
-        flat = batching.stack_steps(kept, slice(0, num_steps))
-        conditioning = Conditioning.from_rows(flat)
+        """The reference policy's ``ref_log_probs`` (and, for the KL term, ``ref_predictions``) of every kept
+        transition, once per stage without gradients (see [`~b2trl.losses.reference.ReferencePolicy.evaluate`])."""
         chunk = self.config.train_batch_size * self.config.train_timesteps_per_forward
-        log_probs, predictions = [], []
-        with self.reference.active() as denoiser, self.autocast():
-            for start in range(0, rows * num_steps, chunk):
-                part = slice(start, min(start + chunk, rows * num_steps))
-                latents, timesteps = flat["latents"][part], flat["timesteps"][part]
-                prediction = self.family.predict(
-                    denoiser, latents, timesteps, conditioning.index(part), self.config.sample_guidance_scale
-                )
-                step = self.sampler.step(
-                    self.sd_pipeline.scheduler, prediction, timesteps, latents, prev_sample=flat["next_latents"][part]
-                )
-                log_probs.append(step.log_prob)
-                predictions.append(prediction)
-        out = {"ref_log_probs": torch.cat(log_probs).reshape(rows, num_steps)}
-        if self.config.kl_coef > 0:
-            out["ref_predictions"] = torch.cat(predictions).reshape(rows, num_steps, *predictions[0].shape[1:])
-        return out
+        with self.autocast():
+            return self.reference.evaluate(
+                kept, self.family, self.sampler, self.sd_pipeline.scheduler, self.config.sample_guidance_scale,
+                chunk_size=chunk, predictions=self.config.kl_coef > 0,
+            )
 
     def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, conditioning: Conditioning):
         """
@@ -564,20 +469,16 @@ class B2DiffuRLTrainer(DDPOTrainer):
         Save what was trained so that plain diffusers loads it.
 
         With LoRA: ``pytorch_lora_weights.safetensors`` (diffusers key layout) for
-        ``StableDiffusionPipeline.from_pretrained(base).load_lora_weights(save_directory)``. With full fine-tuning:
-        the whole pipeline, for ``StableDiffusionPipeline.from_pretrained(save_directory)``. Both get a model card
+        ``<Pipeline>.from_pretrained(base).load_lora_weights(save_directory)`` (the family's diffusers pipeline
+        class, e.g. `StableDiffusionPipeline`). With full fine-tuning: the whole pipeline, for
+        ``<Pipeline>.from_pretrained(save_directory)``. Both get a model card
         (``README.md``); `card_kwargs` go to [`~b2trl.hub.build_model_card`]. Only the main process writes.
         """
-        from .hub import build_model_card
+        from .hub import save_trained
 
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            os.makedirs(save_directory, exist_ok=True)
-            if self.use_lora:
-                self.family.save_lora(self.accelerator.unwrap_model(self.training_denoiser), save_directory)
-            else:
-                self.sd_pipeline.sd_pipeline.save_pretrained(save_directory, safe_serialization=True)
-            build_model_card(self, **card_kwargs).save(os.path.join(save_directory, "README.md"))
+            save_trained(self, save_directory, **card_kwargs)
         self.accelerator.wait_for_everyone()
         return save_directory
 
@@ -587,17 +488,9 @@ class B2DiffuRLTrainer(DDPOTrainer):
         Upload the trained weights (see [`B2DiffuRLTrainer.save_pretrained`]) and their model card to `repo_id`.
         Returns the repository URL on the main process, `None` on the others.
         """
-        import tempfile
+        from .hub import push_trained
 
-        from .hub import push_folder
-
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, repo_id=repo_id, **card_kwargs)
-            url = None
-            if self.accelerator.is_main_process:
-                url = push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
-            self.accelerator.wait_for_everyone()
-        return url
+        return push_trained(self, repo_id, token=token, private=private, commit_message=commit_message, **card_kwargs)
 
     # ------------------------------------------------------------------ loop
 

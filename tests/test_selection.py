@@ -4,11 +4,14 @@ import pytest
 from b2trl.selection import (
     PromptRewardHistory,
     advantages_from_z,
+    pad_rows,
+    pair_rows,
     select,
     select_best_worst,
+    select_pairs,
     stage_advantages,
+    training_rows,
 )
-from b2trl.trainer import pad_rows
 
 
 def test_best_worst_keeps_exactly_the_rows_the_rule_says():
@@ -121,3 +124,20 @@ def test_best_worst_advantages_are_the_z_scores_and_can_be_one_sided():
     adv = stage_advantages(z, keep, "best_worst", clip=5.0)
     assert keep.sum() == 1 and adv[keep].sum() < 0
     assert select(z, "pairs", 0.5, -0.5).sum() == 2
+
+
+def test_training_rows_weigh_padding_zero():
+    rows, weight = training_rows(np.array([False, True, True]), 4)
+    assert rows[:2].tolist() == [1, 2] and weight.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_pair_rows_put_each_winner_before_its_loser_and_pad_with_zero_weight_pairs():
+    z = np.array([[0.1, 2.0, -1.5], [0.0, 0.1, 0.05], [-2.0, 0.3, 1.2]])
+    keep = select_pairs(z, 1.0)
+    assert keep.any(1).tolist() == [True, False, True]
+    rows, weight = pair_rows(z, keep, 3)
+    assert rows[:4].tolist() == [1, 2, 8, 6]  # group 0: branch 1 beats 2; group 2: branch 2 beats 0
+    assert weight.tolist() == [1, 1, 1, 1, 0, 0]
+    assert len(rows) == 6 and rows.max() < z.size
+    with pytest.raises(ValueError, match="smaller than the number of kept pairs"):
+        pair_rows(z, keep, 1)

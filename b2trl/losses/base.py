@@ -47,3 +47,28 @@ class TrainingLoss:
 
     def __call__(self, log_prob: torch.Tensor, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
+
+
+class StageStatistics:
+    """Weighted means of micro-batch statistics over a stage and over processes."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, value, weight=1.0) -> None:
+        value = torch.as_tensor(value).detach().float()
+        weight = torch.as_tensor(weight, device=value.device).float()
+        self.sums[name] = self.sums.get(name, 0.0) + value * weight
+        self.counts[name] = self.counts.get(name, 0.0) + weight
+
+    def add_output(self, out: LossOutput) -> None:
+        self.add("loss", out.loss)
+        for name, value in out.stats.items():
+            self.add(name, value, out.weights.get(name, 1.0))
+
+    def means(self, accelerator) -> dict[str, float]:
+        """The means over every process (all processes must call this, with the same statistic names)."""
+        sums = accelerator.reduce(dict(self.sums), reduction="sum")
+        counts = accelerator.reduce(dict(self.counts), reduction="sum")
+        return {k: float(sums[k] / counts[k].clamp(min=1e-12)) for k in sums}

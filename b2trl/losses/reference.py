@@ -7,6 +7,9 @@ import copy
 
 import torch
 
+from .. import batching
+from ..models import Conditioning
+
 
 class ReferencePolicy:
     """
@@ -43,3 +46,27 @@ class ReferencePolicy:
                 yield self.denoiser
         finally:
             self.denoiser.enable_adapters()
+
+    @torch.no_grad()
+    def evaluate(self, kept, family, sampler, scheduler, guidance_scale, *, chunk_size, predictions=False) -> dict:
+        """
+        The reference's view of a stage's kept transitions (``(rows, L)`` layout, as sampled): ``ref_log_probs``
+        ``(rows, L)``, and with `predictions` its guided prediction per step, ``ref_predictions``, for the KL
+        term. `chunk_size` bounds the (row, step) pairs per denoiser call.
+        """
+        rows, num_steps = kept["timesteps"].shape
+        flat = batching.stack_steps(kept, slice(0, num_steps))
+        conditioning = Conditioning.from_rows(flat)
+        log_probs, outputs = [], []
+        with self.active() as denoiser:
+            for start in range(0, rows * num_steps, chunk_size):
+                part = slice(start, min(start + chunk_size, rows * num_steps))
+                latents, timesteps = flat["latents"][part], flat["timesteps"][part]
+                prediction = family.predict(denoiser, latents, timesteps, conditioning.index(part), guidance_scale)
+                step = sampler.step(scheduler, prediction, timesteps, latents, prev_sample=flat["next_latents"][part])
+                log_probs.append(step.log_prob)
+                outputs.append(prediction if predictions else None)
+        out = {"ref_log_probs": torch.cat(log_probs).reshape(rows, num_steps)}
+        if predictions:
+            out["ref_predictions"] = torch.cat(outputs).reshape(rows, num_steps, *outputs[0].shape[1:])
+        return out

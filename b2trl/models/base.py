@@ -103,6 +103,17 @@ class ModelFamily:
                 module.requires_grad_(False)
         getattr(pipe, self.denoiser_name).requires_grad_(not use_lora)
 
+    def place(self, pipe, device, dtype: torch.dtype, use_lora: bool) -> None:
+        """
+        Move the pipeline's modules to `device`: the frozen ones in the inference `dtype`; the denoiser in
+        `dtype` when it trains LoRA (the base is frozen), in float32 for full fine-tuning (master weights).
+        """
+        for name in ("vae",) + self.text_encoder_names:
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.to(device, dtype=dtype)
+        getattr(pipe, self.denoiser_name).to(device, dtype=dtype if use_lora else torch.float32)
+
     def make_sampler(self, config):
         """The sampler this family trains with, built from the config."""
         raise NotImplementedError
