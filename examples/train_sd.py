@@ -13,7 +13,6 @@ a flag; `--help` lists them. `--preset` picks the defaults those flags start fro
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
@@ -29,7 +28,8 @@ from transformers import HfArgumentParser
 from b2trl import B2DiffuRLConfig, B2DiffuRLTrainer, IntervalSchedule, load_pipeline
 from b2trl.hub import build_model_card, push_folder, reward_evaluation, sample_for_card, save_samples
 from b2trl.images import BranchGridHook, plot_reward_curve
-from b2trl.prompts import ANIMAL_ACTIVITY_PROMPTS
+from b2trl.metrics import MetricsWriter
+from b2trl.prompts import ANIMAL_ACTIVITY_PROMPTS, PromptSourceError, load_prompts_dataset, read_prompts_file
 from b2trl.toy import model_path as toy_model_path
 from b2trl.toy import train_prompts
 from b2trl.toy.report import evaluate_base, report_heldout
@@ -150,42 +150,18 @@ def load_prompts(args: ScriptArguments, is_toy: bool) -> list[str]:
     sources = [s for s in (args.prompts, args.prompts_file, args.prompts_dataset) if s]
     if len(sources) > 1:
         raise SystemExit("error: give at most one of --prompts, --prompts_file, --prompts_dataset")
+    try:
+        if args.prompts_file:
+            return read_prompts_file(args.prompts_file)
+        if args.prompts_dataset:
+            return load_prompts_dataset(args.prompts_dataset, args.prompts_dataset_split, args.prompts_dataset_column)
+    except PromptSourceError as err:
+        source = "--prompts_file" if args.prompts_file else "--prompts_dataset"
+        flag = {"source": source, "split": "--prompts_dataset_split", "column": "--prompts_dataset_column"}[err.field]
+        raise SystemExit(f"error: {flag} {err}") from None
     if args.prompts:
         return list(args.prompts)
-    if args.prompts_file:
-        if not os.path.isfile(args.prompts_file):
-            raise SystemExit(f"error: --prompts_file {args.prompts_file}: no such file")
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        if not prompts:
-            raise SystemExit(f"error: --prompts_file {args.prompts_file} has no prompts")
-        return prompts
-    if args.prompts_dataset:
-        dataset = load_prompts_dataset(args.prompts_dataset, args.prompts_dataset_split)
-        if args.prompts_dataset_column not in dataset.column_names:
-            raise SystemExit(
-                f"error: --prompts_dataset_column {args.prompts_dataset_column!r} not in {dataset.column_names}"
-            )
-        return [str(p) for p in dataset[args.prompts_dataset_column]]
     return train_prompts() if is_toy else list(ANIMAL_ACTIVITY_PROMPTS)
-
-
-def load_prompts_dataset(name_or_path: str, split: str):
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    folder = os.path.expanduser(name_or_path)
-    try:
-        # a folder written by `save_to_disk` (which `load_dataset` refuses): a Dataset or a DatasetDict
-        if any(os.path.isfile(os.path.join(folder, f)) for f in ("state.json", "dataset_dict.json")):
-            dataset = load_from_disk(folder)
-            if isinstance(dataset, DatasetDict):
-                if split not in dataset:
-                    raise SystemExit(f"error: --prompts_dataset_split {split!r} not in {list(dataset)}")
-                dataset = dataset[split]
-            return dataset
-        return load_dataset(name_or_path, split=split)
-    except (OSError, ValueError) as err:  # datasets' not-found and bad-split errors derive from these
-        raise SystemExit(f"error: --prompts_dataset {name_or_path}: {err}") from None
 
 
 def build_reward(args: ScriptArguments, is_toy: bool):
@@ -238,47 +214,6 @@ def start_processes(config: B2DiffuRLConfig) -> PartialState:
 def make_prompt_fn(prompts: list[str], seed: int):
     rng = random.Random(seed)
     return lambda: (rng.choice(prompts), {})
-
-
-class MetricsWriter:
-    """Writes each stage's statistics to metrics.jsonl (appended as training goes) and metrics.csv.
-
-    A fresh run starts both anew. A resumed one (`resume_stage`: the first stage it trains) keeps the earlier
-    stages' rows and drops later ones, which ran after its checkpoint and run again: each stage appears once."""
-
-    def __init__(self, output_dir: str, resume_stage: Optional[int] = None):
-        self.jsonl = os.path.join(output_dir, "metrics.jsonl")
-        self.csv = os.path.join(output_dir, "metrics.csv")
-        kept = {}
-        if resume_stage is not None and os.path.exists(self.jsonl):
-            with open(self.jsonl) as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:  # the last line of a killed run may be cut short
-                        continue
-                    if row.get("stage", resume_stage) < resume_stage:
-                        kept[row["stage"]] = row
-        self.rows: list[dict] = [kept[k] for k in sorted(kept)]
-        # time_s goes on from where the kept rows stop
-        self.start = time.time() - (self.rows[-1].get("time_s", 0.0) if self.rows else 0.0)
-        with open(self.jsonl, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in self.rows)
-        self._write_csv()
-
-    def __call__(self, trainer, stats: dict):
-        row = {"time_s": round(time.time() - self.start, 2), **stats}
-        self.rows.append(row)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._write_csv()
-
-    def _write_csv(self):
-        columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
 
 
 def main(argv=None):
