@@ -67,6 +67,11 @@ class B2DiffuRLConfig(DDPOConfig):
         kl_coef (`float`, *optional*, defaults to `0.0`):
             Weight of ``KL(π_θ ‖ π_ref)`` per trained step against the base model, added to the loss and logged as
             `kl_ref`.
+        noise_level (`float`, *optional*, defaults to `0.7`):
+            Flow-matching models only: the noise scale of the SDE step (Flow-GRPO's ``a``); the counterpart of
+            `sample_eta` for DDIM models, which ignore it.
+        prefix_sde (`bool`, *optional*, defaults to `False`):
+            Flow-matching models only: sample the shared prefix with the SDE step instead of the ODE.
         resolution (`int` or `None`, *optional*, defaults to `None`):
             Image height and width in pixels; `None` uses the model's own size.
         gradient_checkpointing (`bool`, *optional*, defaults to `False`):
@@ -134,6 +139,22 @@ class B2DiffuRLConfig(DDPOConfig):
         metadata={
             "help": "Weight of KL(policy || base model) per trained step, added to the loss (0: none). Counters "
             "reward hacking; 0.01-0.04 is a common range."
+        },
+    )
+    noise_level: float = field(
+        default=0.7,
+        metadata={
+            "help": "Flow-matching models (SD3): the SDE step's noise scale a, std = a*sqrt(sigma/(1-sigma)); must be "
+            "> 0 (0 is the deterministic ODE, which has no log-probability). DDIM models (SD1.x, SDXL) use "
+            "sample_eta instead and ignore this."
+        },
+    )
+    prefix_sde: bool = field(
+        default=False,
+        metadata={
+            "help": "Flow-matching models: run the shared prefix with the SDE step instead of the deterministic "
+            "ODE. The prefix is not trained, so either is valid; the ODE keeps the branch point on the model's "
+            "own path."
         },
     )
     resolution: Optional[int] = field(
