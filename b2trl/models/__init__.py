@@ -10,12 +10,14 @@ from .loading import load_pipeline, wrap_pipeline
 from .pipeline import TrainingPipeline
 from .registry import FAMILIES, family_for_class, family_for_pipeline
 from .sd import StableDiffusionFamily
+from .sdxl import StableDiffusionXLFamily
 
 __all__ = [
     "FAMILIES",
     "Conditioning",
     "ModelFamily",
     "StableDiffusionFamily",
+    "StableDiffusionXLFamily",
     "TrainingPipeline",
     "family_for_class",
     "family_for_pipeline",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .base import ModelFamily
 from .sd import StableDiffusionFamily
+from .sdxl import StableDiffusionXLFamily
 
 # a new family is one module in this folder and one entry here
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionFamily(),)
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionFamily(), StableDiffusionXLFamily())
 
 
 def family_for_class(class_name: str, model: str = "the model") -> ModelFamily:
