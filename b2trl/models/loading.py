@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 from .base import LORA_FILE
 from .pipeline import TrainingPipeline
@@ -34,11 +35,33 @@ def _model_index(model: str, path: str, revision: str) -> dict:
         return json.load(f)
 
 
-def load_pipeline(pretrained_model_name_or_path: str, *, revision: str = "main", use_lora: bool = True):
+def _load_vae(pretrained_vae: str):
+    """An `AutoencoderKL` from a Hub id or folder holding the VAE's own ``config.json`` (e.g. the fp16-fix VAE), or
+    from the ``vae`` subfolder of a diffusers pipeline folder."""
+    from diffusers import AutoencoderKL
+
+    path = os.path.expanduser(pretrained_vae)
+    is_pipeline = os.path.isfile(os.path.join(path, "model_index.json"))
+    try:
+        return AutoencoderKL.from_pretrained(path, subfolder="vae" if is_pipeline else None)
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"pretrained_vae: could not load a VAE from {pretrained_vae!r}: {err}. Pass an AutoencoderKL folder or "
+            "Hub id (e.g. 'madebyollin/sdxl-vae-fp16-fix'), or a diffusers pipeline folder with a vae/ subfolder."
+        ) from err
+
+
+def load_pipeline(
+    pretrained_model_name_or_path: str,
+    *,
+    revision: str = "main",
+    use_lora: bool = True,
+    pretrained_vae: Optional[str] = None,
+):
     """
     Load a diffusers pipeline from a Hub id or a local folder and set it up for training.
 
-    The model family (SD1.x, ...) is read from the folder's ``model_index.json``; the result is a
+    The model family (SD1.x, SDXL) is read from the folder's ``model_index.json``; the result is a
     [`~b2trl.models.TrainingPipeline`] (a TRL `DefaultDDPOStableDiffusionPipeline`) that
     [`B2DiffuRLTrainer`] takes as `sd_pipeline`.
 
@@ -48,6 +71,9 @@ def load_pipeline(pretrained_model_name_or_path: str, *, revision: str = "main",
         revision (`str`, *optional*, defaults to `"main"`): Hub revision.
         use_lora (`bool`, *optional*, defaults to `True`):
             Train a LoRA adapter (rank 4 on the denoiser's attention projections) instead of the whole denoiser.
+        pretrained_vae (`str`, *optional*):
+            A VAE to use instead of the model's own: a Hub id or folder of an `AutoencoderKL` (for SDXL in fp16,
+            ``"madebyollin/sdxl-vae-fp16-fix"``, which decodes in fp16 where the released VAE must run in fp32).
     """
     from ..pipeline import ensure_accelerate_state
 
@@ -61,16 +87,26 @@ def load_pipeline(pretrained_model_name_or_path: str, *, revision: str = "main",
             "or a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."
         )
     family = family_for_class(_model_index(model, path, revision).get("_class_name", ""), model)
+    components = {} if pretrained_vae is None else {"vae": _load_vae(pretrained_vae)}
     try:
-        pipe = family.pipeline_class.from_pretrained(path, revision=revision)
+        pipe = family.pipeline_class.from_pretrained(path, revision=revision, **components)
     except OSError as err:
         raise OSError(f"pretrained_model: could not load {model!r}: {err}") from err
+    if pretrained_vae is not None:
+        channels = getattr(pipe, family.denoiser_name).config.in_channels
+        if pipe.vae.config.latent_channels != channels:
+            raise ValueError(
+                f"pretrained_vae: {pretrained_vae!r} has {pipe.vae.config.latent_channels} latent channels, but "
+                f"{model!r}'s {family.denoiser_name} takes {channels}; pass a VAE made for this model."
+            )
     if os.path.isfile(os.path.join(path, LORA_FILE)):
         # a folder that already holds LoRA weights (e.g. a previous run's output on top of a full pipeline)
         pipe.load_lora_weights(path, weight_name=LORA_FILE)
         use_lora = True
     family.prepare(pipe, use_lora=use_lora)
-    return TrainingPipeline(pipe, family, use_lora=use_lora, pretrained_model=path, revision=revision)
+    pipeline = TrainingPipeline(pipe, family, use_lora=use_lora, pretrained_model=path, revision=revision)
+    pipeline.pretrained_vae = pretrained_vae  # for the model card: the LoRA was trained against this VAE's images
+    return pipeline
 
 
 def wrap_pipeline(pipe, *, use_lora: bool = True):
