@@ -1,0 +1,150 @@
+"""The update of a stage: training the policy on the kept samples' interval steps.
+
+[`PolicyUpdate`] is the part of [`B2DiffuRLTrainer`] that turns a stage's kept samples (or pairs) into
+optimizer steps: padding so every process runs the same backward passes, the reference pass, micro-batches
+through the loss, accumulation windows and gradient synchronisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from accelerate import logging
+
+from . import batching
+from .losses import LossOutput
+from .losses.base import StageStatistics
+from .models import Conditioning
+from .selection import pair_rows, training_rows
+
+logger = logging.get_logger(__name__)
+
+
+class PolicyUpdate:
+    """The training half of [`B2DiffuRLTrainer`] (a mixin: it uses the trainer's config, accelerator, family,
+    sampler, loss, optimizer and prepared denoiser)."""
+
+    def train_kept(self, samples: dict, keep: np.ndarray, advantages: np.ndarray, stats: dict, global_step: int) -> int:
+        """
+        Train on the kept samples (or, for a pair loss, the kept groups' (winner, loser) pairs). Every process
+        trains the same number of rows: padding rows have weight 0 (and advantage 0), so they add no gradient.
+        """
+        config, device = self.config, self.accelerator.device
+        pairs = self.loss_fn.group_size == 2
+        local = int(keep.any(1).sum()) if pairs else int(keep.sum())
+        target = int(self.accelerator.gather(torch.tensor([local], device=device)).max())
+        if pairs:
+            stats["pairs_kept"] = stats["groups_kept"]
+        if target == 0:
+            logger.warning(
+                f"Stage {stats['stage']}: no group passed the selection thresholds "
+                f"({config.selection_threshold_best}, {config.selection_threshold_worst}); skipping the update."
+            )
+            stats["skipped_update"] = 1
+            return global_step
+        stats["skipped_update"] = 0
+        rows, weight = pair_rows(advantages, keep, target) if pairs else training_rows(keep.reshape(-1), target)
+        kept = {k: v[rows] for k, v in samples.items()}
+        kept["row_weight"] = torch.as_tensor(weight, device=device)
+        kept["advantages"] = torch.as_tensor(advantages.reshape(-1)[rows], dtype=torch.float32, device=device)
+        kept["advantages"] = kept["advantages"] * kept["row_weight"]
+        if self.reference is not None:
+            kept.update(self.reference_pass(kept))
+        global_step, train_stats = self._train_stage(kept, stats["stage"], global_step)
+        stats.update(train_stats)
+        return global_step
+
+    def _train_stage(self, samples: dict, stage: int, global_step: int) -> tuple[int, dict]:
+        """
+        The loss over the kept samples for `train_num_inner_epochs` passes. An optimizer step follows every
+        `train_gradient_accumulation_steps` micro-batches (each one backward pass per interval step, or per
+        `train_timesteps_per_forward` steps stacked); the last window of a pass steps with what it has. Every
+        process holds the same number of rows here, so all run the same number of backward passes and
+        optimizer steps.
+        """
+        config = self.config
+        info = StageStatistics()
+        first_step = global_step
+        self.training_denoiser.train()
+        for _ in range(config.train_num_inner_epochs):
+            for batch, scale, closes_window in batching.micro_batches(
+                samples,
+                batch_size=config.train_batch_size,
+                accumulation_steps=config.train_gradient_accumulation_steps,
+                steps_per_forward=config.train_timesteps_per_forward,
+                group_size=self.loss_fn.group_size,
+            ):
+                sync = contextlib.nullcontext() if closes_window else self.accelerator.no_sync(self.training_denoiser)
+                with sync:
+                    out = self.micro_batch_loss(batch)
+                    self.accelerator.backward(out.loss * scale)
+                info.add_output(out)
+                if closes_window:
+                    grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, config.train_max_grad_norm)
+                    if grad_norm is not None:
+                        info.add("grad_norm", grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                    global_step += 1
+        stats = info.means(self.accelerator)
+        stats["optimizer_steps"] = global_step - first_step
+        return global_step, stats
+
+    def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """The loss of one micro-batch of transitions (one row per sample and interval step), plus
+        ``kl_coef * KL(π_θ ‖ π_ref)`` when the KL term is on."""
+        prediction, log_prob = self._policy_step(
+            batch["latents"], batch["timesteps"], batch["next_latents"], Conditioning.from_rows(batch)
+        )
+        out = self.loss_fn(log_prob, batch)
+        if self.config.kl_coef > 0:
+            kl = self.sampler.kl_divergence(
+                self.sd_pipeline.scheduler, prediction, batch["ref_predictions"], batch["timesteps"], batch["latents"]
+            )
+            weight = batch.get("row_weight", torch.ones_like(kl))
+            out.loss = out.loss + self.config.kl_coef * torch.mean(kl * weight)
+            out.stats["kl_ref"] = (kl.detach() * weight).sum() / weight.sum().clamp(min=1)
+            out.weights["kl_ref"] = weight.sum()
+        return out
+
+    def reference_pass(self, kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The reference policy's ``ref_log_probs`` (and, for the KL term, ``ref_predictions``) of every kept
+        transition, once per stage without gradients (see [`~b2trl.losses.reference.ReferencePolicy.evaluate`])."""
+        chunk = self.config.train_batch_size * self.config.train_timesteps_per_forward
+        with self.autocast():
+            return self.reference.evaluate(
+                kept, self.family, self.sampler, self.sd_pipeline.scheduler, self.config.sample_guidance_scale,
+                chunk_size=chunk, predictions=self.config.kl_coef > 0,
+            )
+
+    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, conditioning: Conditioning):
+        """
+        The loss of one interval step for a micro-batch, as [`~trl.DDPOTrainer.calculate_loss`] computes it, but
+        evaluated through the *prepared* denoiser so that distributed wrappers synchronise gradients (TRL's
+        version calls the bare UNet). `conditioning` replaces TRL's ``cat([negative, prompt])`` embeddings.
+
+        Returns:
+            `(loss, approx_kl, clipfrac)`, scalars.
+        """
+        batch = {
+            **conditioning.to_rows(), "latents": latents, "timesteps": timesteps, "next_latents": next_latents,
+            "log_probs": log_probs, "advantages": advantages,
+        }
+        out = self.micro_batch_loss(batch)
+        return out.loss, out.stats["approx_kl"], out.stats["clipfrac"]
+
+    def transition_log_prob(self, latents, timesteps, next_latents, conditioning: Conditioning) -> torch.Tensor:
+        """Log-probability of ``latents -> next_latents`` under the current policy (with gradients)."""
+        return self._policy_step(latents, timesteps, next_latents, conditioning)[1]
+
+    def _policy_step(self, latents, timesteps, next_latents, conditioning):
+        """The current policy's guided prediction and its log-probability of the transitions (with gradients)."""
+        with self.autocast():
+            prediction = self.family.predict(
+                self.training_denoiser, latents, timesteps, conditioning, self.config.sample_guidance_scale
+            )
+            scheduler = self.sd_pipeline.scheduler
+            step = self.sampler.step(scheduler, prediction, timesteps, latents, prev_sample=next_latents)
+            return prediction, step.log_prob
