@@ -247,6 +247,18 @@ def test_the_vae_stays_in_fp32_in_an_fp16_run_when_it_asks_for_it(sdxl_dir, tmp_
     torch.testing.assert_close(images, fp32_images, rtol=0, atol=2e-3)  # up to the weights' fp16 rounding
 
 
+def test_a_bf16_run_trains_with_float32_size_ids(sdxl_dir):
+    trainer = make_trainer(sdxl_dir, mixed_precision="bf16", selection_rule="all", num_epochs=1,
+                           train_learning_rate=1e-2)
+    pipe = trainer.sd_pipeline
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder_2.dtype == torch.bfloat16  # bf16 does not overflow
+    cond = trainer.encode(["a cat"]).cond
+    assert cond["encoder_hidden_states"].dtype == torch.bfloat16 and cond["time_ids"].dtype == torch.float32
+    before = lora_params(pipe)
+    trainer.train()
+    assert max_change(before, lora_params(pipe)) > 0
+
+
 def test_full_fine_tuning_with_8bit_adamw_writes_a_loadable_pipeline(sdxl_dir, tmp_path):
     bnb = pytest.importorskip("bitsandbytes", reason="train_use_8bit_adam needs bitsandbytes")
     from diffusers import StableDiffusionXLPipeline
