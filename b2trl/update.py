@@ -18,6 +18,7 @@ from .losses import LossOutput
 from .losses.base import StageStatistics
 from .models import Conditioning
 from .selection import pair_rows, training_rows
+from .timing import PhaseTimer
 
 logger = logging.get_logger(__name__)
 
@@ -51,7 +52,10 @@ class PolicyUpdate:
         kept["advantages"] = torch.as_tensor(advantages.reshape(-1)[rows], dtype=torch.float32, device=device)
         kept["advantages"] = kept["advantages"] * kept["row_weight"]
         if self.reference is not None:
-            kept.update(self.reference_pass(kept))
+            timer = PhaseTimer()
+            with timer("reference"):
+                kept.update(self.reference_pass(kept))
+            stats.update(timer.stats())
         global_step, train_stats = self._train_stage(kept, stats["stage"], global_step)
         stats.update(train_stats)
         return global_step

@@ -15,7 +15,7 @@ import torch
 
 from b2trl.prompts import ANIMAL_ACTIVITY_PROMPTS
 
-METHODS = ("b2", "ddpo", "plain")
+METHODS = ("b2", "b2_dpo", "ddpo", "plain")
 # the report's keys for the phases (``time/<phase>`` in the trainer's stage statistics)
 PHASE_KEYS = {"sampling": "sampling", "rewards": "reward", "training": "training"}
 
@@ -54,7 +54,7 @@ def make_prompt_fn(args):
     return common.seeded_prompts(train_prompts(), args.seed)
 
 
-def build_b2_trainer(args, logdir):
+def build_b2_trainer(args, logdir, loss_type: str = "ppo"):
     from b2trl import B2DiffuRLConfig, B2DiffuRLTrainer, IntervalSchedule
 
     common.reset_accelerate_state()
@@ -70,6 +70,7 @@ def build_b2_trainer(args, logdir):
         train_num_inner_epochs=args.inner_epochs,
         train_timesteps_per_forward=args.timesteps_per_forward,
         interval_schedule=IntervalSchedule(initial_length=args.interval, milestones=[]),  # L stays fixed
+        loss_type=loss_type,
         mixed_precision=args.mixed_precision,
         save_freq=0,
         logdir=logdir,
@@ -217,8 +218,8 @@ def measure_method(method: str, args) -> dict:
     if method == "plain":
         return measure_plain(args)
     with tempfile.TemporaryDirectory() as logdir:
-        if method == "b2":
-            trainer = build_b2_trainer(args, logdir)
+        if method in ("b2", "b2_dpo"):
+            trainer = build_b2_trainer(args, logdir, loss_type="dpo" if method == "b2_dpo" else "ppo")
             negative = trainer.negative_conditioning
             b = args.num_steps - args.interval
             sampling_rows = [2 * args.prompts] * (b > 0) + [2 * args.prompts * args.branches]
@@ -239,7 +240,7 @@ def measure_method(method: str, args) -> dict:
         finally:
             meter.close()
         images = args.prompts * args.branches * args.batches
-        if method == "b2":
+        if method in ("b2", "b2_dpo"):
             stats = trainer.last_stage_stats
             result = summarise_meter(meter, method, stage_stats=stats)
             result.update(
@@ -249,6 +250,8 @@ def measure_method(method: str, args) -> dict:
                 branch_point=stats["branch_point"],
                 transitions_trained=stats["samples_kept"] * stats["interval_length"] * args.inner_epochs,
                 reward_mean=stats["reward_mean"],
+                # the DPO loss's reference pass (the base model's log-probs of the kept transitions), in training
+                reference_seconds=stats.get("time/reference"),
             )
         else:
             result = summarise_meter(meter, method)

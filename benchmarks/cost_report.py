@@ -23,10 +23,11 @@ TARGETS_H100 = {
 }
 
 
-def ratios(b2: dict, ddpo: dict) -> dict:
-    def ratio(a, b):
-        return a / b if a is not None and b else None
+def ratio(a, b):
+    return a / b if a is not None and b else None
 
+
+def ratios(b2: dict, ddpo: dict) -> dict:
     out = {
         "unet_rows_sampling": ratio(b2["unet_rows"]["sampling"], ddpo["unet_rows"]["sampling"]),
         "unet_rows_training": ratio(b2["unet_rows"]["training"], ddpo["unet_rows"]["training"]),
@@ -69,7 +70,8 @@ def print_report(report: dict) -> None:
 def print_methods(report: dict) -> None:
     methods = report["methods"]
     names = [m for m in METHODS if m in methods]
-    header = {"b2": "B²-DiffuRL stage", "ddpo": "TRL DDPO epoch", "plain": "plain diffusers"}
+    header = {"b2": "B²-DiffuRL stage", "b2_dpo": "B² stage, DPO loss", "ddpo": "TRL DDPO epoch",
+              "plain": "plain diffusers"}
     gib = 1 / 2**30
     rows = [
         ("images sampled", lambda r: r["images"]),
@@ -106,6 +108,12 @@ def print_methods(report: dict) -> None:
         b2 = methods["b2"]
         print(f"B² kept {b2['samples_kept']} of {b2['images']} samples ({b2['groups_kept']} groups), "
               f"interval {b2['interval_length']} of {report['settings']['num_steps']} steps")
+    if "b2_dpo" in methods:
+        dpo = methods["b2_dpo"]
+        print(f"B² with the DPO loss kept {dpo['samples_kept']} samples ({dpo['groups_kept']} pairs); reference pass "
+              f"{_fmt(dpo['reference_seconds'])} s of {_fmt(dpo['seconds']['training'])} s training")
+        for key, value in report.get("dpo_vs_ppo", {}).items():
+            print(f"  DPO / PPO stage, {key}: {_fmt(value)}")
     for name, check in report.get("checks", {}).items():
         print(f"check {name}: measured {check['measured']}, expected {check['expected']} "
               f"-> {'ok' if check['ok'] else 'MISMATCH'}")
@@ -169,12 +177,28 @@ def build_report(args, methods: dict, optimisations=None) -> dict:
         checks["b2_sampling_rows"] = (methods["b2"]["unet_rows"]["sampling"], expected["b2_sampling"])
         b2 = methods["b2"]
         checks["b2_training_rows"] = (b2["unet_rows"]["training"], 2 * b2["transitions_trained"])
+    if "b2_dpo" in methods:
+        dpo = methods["b2_dpo"]
+        checks["b2_dpo_sampling_rows"] = (dpo["unet_rows"]["sampling"], expected["b2_sampling"])
+        # the policy's rows plus one reference row per kept transition (CFG doubles both)
+        reference_rows = 2 * dpo["samples_kept"] * dpo["interval_length"]
+        checks["b2_dpo_training_rows"] = (dpo["unet_rows"]["training"], 2 * dpo["transitions_trained"] + reference_rows)
     if "ddpo" in methods:
         checks["ddpo_sampling_rows"] = (methods["ddpo"]["unet_rows"]["sampling"], expected["ddpo_sampling"])
         checks["ddpo_training_rows"] = (methods["ddpo"]["unet_rows"]["training"], expected["ddpo_training"])
     report["checks"] = {k: {"measured": m, "expected": e, "ok": m == e} for k, (m, e) in checks.items()}
     if "b2" in methods and "ddpo" in methods:
         report["ratios"] = ratios(methods["b2"], methods["ddpo"])
+    if "b2" in methods and "b2_dpo" in methods:
+        ppo, dpo = methods["b2"], methods["b2_dpo"]
+        per_transition = [m["seconds"]["training"] / m["transitions_trained"] if m["transitions_trained"] else None
+                          for m in (dpo, ppo)]
+        report["dpo_vs_ppo"] = {
+            "seconds_total": ratio(dpo["seconds"]["total"], ppo["seconds"]["total"]),
+            "seconds_training": ratio(dpo["seconds"]["training"], ppo["seconds"]["training"]),
+            "training_seconds_per_trained_transition": ratio(*per_transition),
+            "reference_share_of_training": ratio(dpo["reference_seconds"], dpo["seconds"]["training"]),
+        }
     if optimisations is not None:
         report["optimisations"] = optimisations
     if args.device == "cuda" and args.sd15_random and not args.tiny_width and args.resolution == 512:

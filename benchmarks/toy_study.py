@@ -11,6 +11,9 @@ Every (method, seed) run samples the same number of images and evaluates held-ou
 - `b2_n2`: B² with 32 prompts × 2 branches per stage instead of 16 × 4 (the toy preset of `examples/train_sd.py`).
 - `b2_all`: B² without selection (every branch trained with its per-prompt z-score; branching kept).
 - `b2_pairs`: B² with `selection_rule="pairs"` (best and worst branch of a group together, zero-sum advantages).
+- `b2_dpo`: B² with the DPO-style loss (`loss_type="dpo"`): each kept group's best and worst branch as a pair.
+- `d3po`: the D3PO baseline with this trainer: pairs of trajectories sharing only the initial noise (branch point
+  0, the whole trajectory trained, no schedule), the DPO loss, every pair whose rewards differ.
 
 All settings are in `SETTINGS` at the top of this script; `--set BLOCK.KEY=VALUE` (repeatable) and
 `--settings_json` override them:
@@ -52,7 +55,7 @@ import toy_study_report as report  # noqa: E402
 from toy_study_runs import b2_config, images_per_stage, run_one  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("b2", "b2_n2", "b2_pairs", "b2_all", "ddpo", "b2_no_schedule", "b2_no_branching")
+METHODS = ("b2", "b2_n2", "b2_pairs", "b2_all", "ddpo", "b2_no_schedule", "b2_no_branching", "b2_dpo", "d3po")
 
 # ------------------------------------------------------------------------------------------------ settings
 # Everything that defines the study and its methods. A method's configuration is resolved as
@@ -118,6 +121,14 @@ SETTINGS = {
     # one branch per prompt: plain trajectories, all trained with their per-prompt z-score (same interval
     # schedule, same history); 64 prompts x 1 branch keeps 64 images per stage
     "b2_no_branching": {"base": "b2", "num_branches": 1, "sample_batch_size": 64, "selection_rule": "all"},
+    # B² with the DPO-style loss: each kept group's best and worst branch (z gap >= 1) as a (winner, loser) pair
+    "b2_dpo": {"base": "b2", "loss_type": "dpo", "selection_rule": "pairs"},
+    # D3PO expressed with this trainer: 32 pairs per stage sharing only the initial noise, the whole trajectory
+    # trained from stage 0, every pair whose rewards differ (thresholds 0) trained with the DPO loss
+    "d3po": {
+        "base": "b2", "loss_type": "dpo", "selection_rule": "pairs", "num_branches": 2, "sample_batch_size": 32,
+        "selection_threshold_best": 0.0, "selection_threshold_worst": 0.0, "interval_schedule": {"initial_length": "T"},
+    },
 }
 
 # --quick: a CI-sized smoke run (2 stages of 4 images per method, 1 seed, 2 prompts x 1 seed evaluated)
@@ -128,6 +139,7 @@ QUICK = {
     "ddpo": {"sample_batch_size": 4},
     "b2_n2": {"sample_batch_size": 2},
     "b2_no_branching": {"sample_batch_size": 4},
+    "d3po": {"sample_batch_size": 2},
 }
 
 # the study decides these per run; settings may not

@@ -26,6 +26,10 @@ DESCRIPTIONS = {
     "b2_all": "B² without selection: branch groups and schedule kept, every branch trained with its z-score",
     "b2_no_schedule": "B² training the whole trajectory from stage 0 (branches fork at step 0)",
     "b2_no_branching": "B² with one branch per prompt: every sample trained with its per-prompt z-score",
+    "b2_dpo": "B² with the DPO-style loss (`loss_type=\"dpo\"`): each kept group's best and worst branch as a "
+              "(winner, loser) pair against the base model",
+    "d3po": "the D3PO baseline with this trainer: pairs sharing only the initial noise (branch point 0), the "
+            "whole trajectory trained, the DPO loss on every pair whose rewards differ",
 }
 INTERPRETATION_START = "<!-- interpretation: written by hand; the report generator keeps this block as it is -->"
 INTERPRETATION_END = "<!-- end of interpretation -->"
@@ -360,6 +364,8 @@ def render(summaries, base, facts, records, plots, md_path, command) -> str:
             selection = f"{cfg['selection_rule']} (τ {cfg['selection_threshold_best']} / " \
                         f"{cfg['selection_threshold_worst']})" if cfg["selection_rule"] == "best_worst" \
                 else cfg["selection_rule"]
+            if cfg.get("loss_type", "ppo") != "ppo":
+                selection += f", {cfg['loss_type'].upper()} loss"
         else:
             shape, selection = f"{_plural(cfg['sample_batch_size'], 'prompt')} × 1", "all"
         lines.append(f"| `{m}` | {DESCRIPTIONS.get(m, '')} | {s['images_per_stage']} ({shape}) | "

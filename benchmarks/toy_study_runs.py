@@ -15,7 +15,8 @@ from b2trl.timing import PhaseTimer
 
 # the per-stage statistics of B²-DiffuRL's trainer that a run record keeps
 B2_STAGE_KEYS = ("interval_length", "branch_point", "groups_kept", "groups_total", "samples_kept",
-                 "samples_kept_positive", "samples_kept_negative", "skipped_update", "loss", "approx_kl", "clipfrac")
+                 "samples_kept_positive", "samples_kept_negative", "skipped_update", "loss", "approx_kl", "clipfrac",
+                 "pairs_kept", "dpo_margin", "dpo_accuracy", "kl_ref")
 
 
 def images_per_stage(resolved: dict) -> int:

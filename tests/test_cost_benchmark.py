@@ -93,3 +93,16 @@ def test_stacking_interval_steps_keeps_the_gradient(cost):
     assert stacking["speedup_vs_k1"]["k=1"] == 1.0
     # one UNet call over 2 interval steps gives the gradient of two calls, up to float32 rounding
     assert stacking["gradient_max_relative_difference_vs_k1"]["k=2"] < 1e-4
+
+
+def test_dpo_stage_adds_one_reference_row_per_kept_transition_and_reports_its_cost(cost):
+    report = cost.main(TINY + ["--methods", "b2", "b2_dpo"])
+    dpo, L = report["methods"]["b2_dpo"], 2
+    assert dpo["samples_kept"] == 2 * dpo["groups_kept"] > 0  # whole pairs
+    assert dpo["unet_rows"]["sampling"] == report["methods"]["b2"]["unet_rows"]["sampling"]
+    # the policy's rows and, once per stage, the reference's: CFG doubles both
+    assert dpo["unet_rows"]["training"] == 2 * dpo["samples_kept"] * L + 2 * dpo["samples_kept"] * L
+    assert report["checks"]["b2_dpo_training_rows"]["ok"]
+    assert 0 < dpo["reference_seconds"] < dpo["seconds"]["training"]
+    share = report["dpo_vs_ppo"]["reference_share_of_training"]
+    assert share == pytest.approx(dpo["reference_seconds"] / dpo["seconds"]["training"])

@@ -61,6 +61,11 @@ def test_quick_study_runs_what_each_method_is(toy_study, quick_dir):
     assert all(s["groups_total"] == 4 for s in runs["b2_no_branching"]["stages"])
     assert "interval_length" not in runs["ddpo"]["stages"][0]
     assert runs["ddpo"]["stages"][0]["optimizer_steps"] > 0
+    # the DPO methods train pairs: d3po's pairs share only the initial noise and train the whole trajectory
+    assert settings["b2_dpo"]["loss_type"] == settings["d3po"]["loss_type"] == "dpo"
+    assert all(s["interval_length"] == 20 and s["branch_point"] == 0 for s in runs["d3po"]["stages"])
+    pair_stages = runs["d3po"]["stages"] + runs["b2_dpo"]["stages"]
+    assert all(s["samples_kept"] == 2 * s["pairs_kept"] for s in pair_stages)
 
 
 def test_quick_report_lists_every_method_and_stays_out_of_docs(toy_study, quick_dir):
