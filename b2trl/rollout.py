@@ -122,6 +122,7 @@ def branch_rollout(
     generator: Optional[torch.Generator] = None,
     latents: Optional[torch.Tensor] = None,
     image_size: Optional[tuple[int, int]] = None,
+    prefix_sampler: Optional[Sampler] = None,
 ) -> BranchRollout:
     """
     Sample `num_branches` images per prompt that share their first `branch_point` denoising steps.
@@ -141,6 +142,8 @@ def branch_rollout(
         latents (`torch.Tensor`, *optional*): ``(B, C, h, w)`` initial noise, drawn if not given.
         image_size (`tuple[int, int]`, *optional*): ``(height, width)`` in pixels of the drawn noise's images;
             defaults to the model's own size.
+        prefix_sampler ([`~b2trl.samplers.Sampler`], *optional*): the step of the shared prefix, which is not
+            recorded; defaults to ``sampler.prefix_sampler()`` (the sampler itself, or e.g. a flow model's ODE).
 
     Returns:
         [`BranchRollout`]
@@ -159,12 +162,14 @@ def branch_rollout(
         noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         latents = (noise * sampler.initial_noise_sigma(scheduler)).to(denoiser.dtype)
     denoise = dict(guidance_scale=guidance_scale, generator=generator)
+    if prefix_sampler is None:
+        prefix_sampler = sampler.prefix_sampler()
 
     # 1. prefix: once per prompt, nothing recorded (it is not trained)
     prefix = []
     for rows in _chunks(batch, chunk_size):
         out, _, _ = _denoise(
-            pipeline, family, sampler, latents[rows], conditioning.index(rows), timesteps[:branch_point],
+            pipeline, family, prefix_sampler, latents[rows], conditioning.index(rows), timesteps[:branch_point],
             record=False, **denoise,
         )
         prefix.append(out)

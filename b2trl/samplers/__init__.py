@@ -2,5 +2,6 @@
 
 from .base import Sampler, StepOutput
 from .ddim import DDIMSampler
+from .flow_sde import FlowSDESampler
 
-__all__ = ["DDIMSampler", "Sampler", "StepOutput"]
+__all__ = ["DDIMSampler", "FlowSDESampler", "Sampler", "StepOutput"]

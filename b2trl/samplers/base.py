@@ -43,6 +43,11 @@ class Sampler:
         scheduler.set_timesteps(num_inference_steps, device=device)
         return scheduler.timesteps
 
+    def prefix_sampler(self) -> "Sampler":
+        """The sampler of a branch rollout's shared prefix, which is not recorded: this one unless a member
+        chooses another (a flow-matching SDE may run its prefix as the deterministic ODE)."""
+        return self
+
     def initial_noise_sigma(self, scheduler) -> float:
         """Scale of the initial noise."""
         return float(getattr(scheduler, "init_noise_sigma", 1.0))
