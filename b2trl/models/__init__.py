@@ -10,6 +10,7 @@ from .loading import load_pipeline, wrap_pipeline
 from .pipeline import TrainingPipeline
 from .registry import FAMILIES, family_for_class, family_for_pipeline
 from .sd import StableDiffusionFamily
+from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Conditioning",
     "ModelFamily",
     "StableDiffusionFamily",
+    "StableDiffusion3Family",
     "StableDiffusionXLFamily",
     "TrainingPipeline",
     "family_for_class",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .base import ModelFamily
 from .sd import StableDiffusionFamily
+from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 
 # a new family is one module in this folder and one entry here
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionFamily(), StableDiffusionXLFamily())
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family())
 
 
 def family_for_class(class_name: str, model: str = "the model") -> ModelFamily:
