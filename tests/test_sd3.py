@@ -331,6 +331,21 @@ def test_training_touches_only_the_interval_and_the_lora_round_trips_through_dif
     torch.testing.assert_close(again, ours, rtol=0, atol=0)
 
 
+def test_a_pipeline_loaded_without_t5_trains(sd3_dir):
+    from diffusers import StableDiffusion3Pipeline
+
+    from b2trl import B2DiffuRLTrainer
+    from b2trl.models import wrap_pipeline
+
+    pipeline = wrap_pipeline(StableDiffusion3Pipeline.from_pretrained(sd3_dir, text_encoder_3=None))
+    config = small_config(num_epochs=1, selection_rule="all", train_learning_rate=1e-2)
+    trainer = B2DiffuRLTrainer(config, brightness_reward, cycling_prompts(), pipeline)
+    assert isinstance(trainer.family, StableDiffusion3Family)
+    before = _lora(trainer.sd_pipeline)
+    trainer.train()
+    assert max_change(before, _lora(trainer.sd_pipeline)) > 0
+
+
 def test_dpo_is_log_2_at_the_reference_and_the_kl_term_runs(sd3_dir):
     trainer = make_trainer(sd3_dir, loss_type="dpo", kl_coef=0.1)
     torch.manual_seed(0)
