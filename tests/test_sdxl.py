@@ -247,7 +247,21 @@ def test_the_vae_stays_in_fp32_in_an_fp16_run_when_it_asks_for_it(sdxl_dir, tmp_
     torch.testing.assert_close(images, fp32_images, rtol=0, atol=2e-3)  # up to the weights' fp16 rounding
 
 
-def test_a_bf16_run_trains_with_float32_size_ids(sdxl_dir):
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's process state is a singleton that fixes mixed precision once set: reset it before and after."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
+def test_a_bf16_run_trains_with_float32_size_ids(sdxl_dir, fresh_accelerate_state):
     trainer = make_trainer(sdxl_dir, mixed_precision="bf16", selection_rule="all", num_epochs=1,
                            train_learning_rate=1e-2)
     pipe = trainer.sd_pipeline
@@ -327,3 +341,21 @@ def test_the_sdxl_shaped_builder_has_sdxl_base_sizes_and_runs_at_tiny_width():
     out = branch_rollout(pipeline, Conditioning(cond, uncond), sampler=DDIMSampler(1.0), num_inference_steps=2,
                          branch_point=1, num_branches=2, generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, 3, 64, 64) and torch.isfinite(out.log_probs).all()
+
+
+def test_the_example_script_trains_sdxl_and_writes_a_lora_diffusers_loads(sdxl_dir, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from helpers import load_script
+
+    train_sd = load_script(Path(__file__).resolve().parents[1] / "examples" / "train_sd.py", "train_sd_sdxl")
+    monkeypatch.chdir(Path(__file__).parent)  # so that 'helpers:brightness_reward' imports
+    out = tmp_path / "out"
+    train_sd.main(["--pretrained_model", sdxl_dir, "--prompts", "a cat", "a dog", "--output_dir", str(out),
+                   "--num_epochs", "1", "--sample_num_steps", "4", "--sample_batch_size", "2",
+                   "--sample_num_batches_per_epoch", "1", "--num_branches", "2", "--initial_length", "2",
+                   "--num_stages", "1", "--reward", "helpers:brightness_reward", "--no_branch_images"])
+    assert [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    pipe.load_lora_weights(str(out / "lora"))
+    assert "StableDiffusionXLPipeline" in (out / "lora" / "README.md").read_text()
