@@ -22,6 +22,17 @@ _ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
 
 class StableDiffusionXLFamily(ModelFamily):
+    """
+    The [`~b2trl.models.ModelFamily`] of `StableDiffusionXLPipeline` (SDXL base and its fine-tunes).
+
+    Its conditioning has three tensors per row: ``encoder_hidden_states`` (both text encoders' penultimate hidden
+    states, concatenated), ``text_embeds`` (text_encoder_2's pooled projection) and ``time_ids`` (original size,
+    crop corner and target size, from the run's image size). The unconditional half of guidance is zeros when the
+    negative prompt is empty and the model sets ``force_zeros_for_empty_prompt``. Sampling uses DDIM with eta
+    whatever scheduler the model ships with, and the VAE decodes in fp32 in an fp16 run when its config sets
+    ``force_upcast``.
+    """
+
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
     denoiser_name = "unet"
