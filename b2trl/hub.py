@@ -15,7 +15,7 @@ CITATION = """@inproceedings{hu2025towards,
   archivePrefix = {arXiv}
 }"""
 
-TAGS = ["lora", "b2-diffurl", "text-to-image", "trl", "diffusers", "stable-diffusion", "reinforcement-learning"]
+TAGS = ["lora", "b2-diffurl", "text-to-image", "trl", "diffusers", "reinforcement-learning"]
 
 
 def save_trained(trainer, save_directory: str, **card_kwargs) -> None:
@@ -236,21 +236,38 @@ def build_model_card(
     stages = stats.get("stage", -1) + 1
     schedule = config.interval_schedule
     pipeline_class = _pipeline_class_name(trainer)
+    family = getattr(trainer, "family", None)
+    family_tags = list(getattr(family, "hub_tags", ("stable-diffusion",)))
+    vae = getattr(trainer.sd_pipeline, "pretrained_vae", None)
+    vae = os.path.basename(os.path.normpath(vae)) if vae and os.path.isdir(vae) else vae  # never a local path
     samples = list(samples or [])
     trained_samples = [s for s in samples if s["model"] == "trained"]
     data = ModelCardData(
         base_model=hub_base,
         library_name="diffusers",
-        tags=TAGS + ([] if trainer.use_lora else ["full-fine-tune"]),
+        tags=TAGS + family_tags + ([] if trainer.use_lora else ["full-fine-tune"]),
         pipeline_tag="text-to-image",
         # what the Hub shows as the model's examples (diffusers' training scripts fill it the same way)
         widget=[{"text": s["prompt"], "output": {"url": s["path"]}} for s in trained_samples] or None,
     )
     here = repo_id or "path/to/this/folder"
+    imports = pipeline_class + (", AutoencoderKL" if vae else "")
+    vae_line, vae_arg = (f'vae = AutoencoderKL.from_pretrained("{vae}")\n', ", vae=vae") if vae else ("", "")
     if trainer.use_lora:
-        load = f'{base_import}pipe = {pipeline_class}.from_pretrained({base_expr})\npipe.load_lora_weights("{here}")'
+        load = (f'{base_import}{vae_line}pipe = {pipeline_class}.from_pretrained({base_expr}{vae_arg})\n'
+                f'pipe.load_lora_weights("{here}")')
     else:
-        load = f'pipe = {pipeline_class}.from_pretrained("{here}")'
+        load = f'{vae_line}pipe = {pipeline_class}.from_pretrained("{here}"{vae_arg})'
+    # what the pipeline needs to sample as the model was trained (a flow model's T5 length), eta left at default
+    call_kwargs = {} if family is None else family.pipeline_call_kwargs(trainer.sd_pipeline.sd_pipeline)
+    call_extra = "".join(f", {k}={v!r}" for k, v in call_kwargs.items() if k != "eta")
+    sampler = getattr(trainer, "sampler", None)
+    sampling = sampler.describe() if sampler is not None else f"DDIM, eta {config.sample_eta}"
+    loss_type = getattr(config, "loss_type", "ppo")
+    loss = f"PPO clip {config.train_clip_range}" if loss_type == "ppo" else \
+        f"DPO on branch pairs, beta {config.dpo_beta}, ratio clip {config.train_clip_range}"
+    if getattr(config, "kl_coef", 0):
+        loss += f", KL to the base model x {config.kl_coef}"
     if samples:
         example_prompt = samples[0]["prompt"]
     else:
@@ -267,7 +284,7 @@ def build_model_card(
 
 # {repo_id.split("/")[-1] if repo_id else "B²-DiffuRL fine-tune"}
 
-{"A LoRA adapter" if trainer.use_lora else "A fully fine-tuned pipeline"} for `{base or "a Stable Diffusion model"}`,
+{"A LoRA adapter" if trainer.use_lora else "A fully fine-tuned pipeline"} for `{base or "a " + pipeline_class + " model"}`,
 trained with b2trl's B²-DiffuRL trainer (backward progressive training
 and branch-based sampling, arXiv 2503.11240) against the reward `{reward}`.
 
@@ -278,17 +295,18 @@ and branch-based sampling, arXiv 2503.11240) against the reward `{reward}`.
 | stages trained | {stages} |
 | final stage mean reward | {final_reward} |
 | interval schedule | initial_length={schedule.initial_length}, num_stages={schedule.num_stages}, milestones={schedule.milestones} |
-| sampling | {config.sample_num_steps} DDIM steps, eta {config.sample_eta}, guidance {config.sample_guidance_scale} |
+| model family | {family.name if family is not None else "sd"} (`{pipeline_class}`) |
+{f"| VAE | `{vae}` |" + chr(10) if vae else ""}| sampling | {config.sample_num_steps} steps, {sampling}, guidance {config.sample_guidance_scale} |
 | branches per prompt | {config.num_branches} (selection thresholds {config.selection_threshold_best} / {config.selection_threshold_worst}) |
-| optimisation | lr {config.train_learning_rate}, PPO clip {config.train_clip_range}, {config.train_num_inner_epochs} passes over the kept samples per stage |
+| optimisation | lr {config.train_learning_rate}, {loss}, {config.train_num_inner_epochs} passes over the kept samples per stage |
 {sections}
 ## Usage
 
 ```python
-from diffusers import {pipeline_class}
+from diffusers import {imports}
 
 {load}
-image = pipe("{example_prompt}", num_inference_steps={config.sample_num_steps}).images[0]
+image = pipe("{example_prompt}", num_inference_steps={config.sample_num_steps}{call_extra}).images[0]
 ```
 {extra_text}
 ## Citation

@@ -93,14 +93,19 @@ def generate_images(
         seeds (`Sequence[int]`, *optional*, defaults to `(0, 1, 2)`): one sample per prompt and seed.
         num_inference_steps (`int`, *optional*, defaults to `20`): denoising steps.
         guidance_scale (`float`, *optional*, defaults to `5.0`): classifier-free guidance scale (1 turns it off).
-        eta (`float`, *optional*, defaults to `1.0`): DDIM eta.
+        eta (`float`, *optional*, defaults to `1.0`): DDIM eta (flow-matching pipelines have none; they get the
+            T5 length their model was trained with instead).
         batch_size (`int`, *optional*, defaults to `64`): prompts per pipeline call.
         call_kwargs: further arguments of the pipeline call (e.g. ``negative_prompt``).
 
     Returns:
         `torch.Tensor` of shape ``(len(seeds), len(prompts), 3, H, W)``, float32 in [0, 1], on the CPU.
     """
+    from .models import family_for_pipeline
+
     pipe = getattr(pipeline, "sd_pipeline", pipeline)
+    # DDIM families take eta; a flow family takes its T5 length instead
+    call_kwargs = {**family_for_pipeline(pipe).pipeline_call_kwargs(pipe, eta=eta), **call_kwargs}
     prompts = list(prompts)
     out = []
     for seed in seeds:
@@ -112,7 +117,6 @@ def generate_images(
                 chunk,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                eta=eta,
                 generator=gens,
                 output_type="pt",
                 **call_kwargs,

@@ -6,8 +6,18 @@ and reports held-out alignment before and after. On a GPU, point it at a real mo
     accelerate launch examples/train_sd.py --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --reward clip_score --prompts_file prompts.txt --preset reference --log_with tensorboard
 
-Every B2DiffuRLConfig field (TRL's DDPOConfig plus branching and selection) and every IntervalSchedule field is
-a flag; `--help` lists them. `--preset` picks the defaults those flags start from.
+The model family (SD1.x, SDXL) is read from the model's model_index.json, so the same command trains SDXL:
+
+    accelerate launch examples/train_sd.py --pretrained_model stabilityai/stable-diffusion-xl-base-1.0 \
+        --reward pickscore --prompts_file prompts.txt --mixed_precision bf16 --gradient_checkpointing true \
+        --rollout_chunk_size 8 --resolution 1024
+
+For SDXL, the options that matter are --resolution (default: the model's own, 1024), --gradient_checkpointing
+(training memory), --rollout_chunk_size (sampling memory), --use_8bit_adam (optimizer memory, full fine-tuning)
+and --pretrained_vae (e.g. madebyollin/sdxl-vae-fp16-fix, to decode in fp16); see docs/sdxl.md.
+
+Every B2DiffuRLConfig field (TRL's DDPOConfig plus branching, selection and the loss) and every IntervalSchedule
+field is a flag; `--help` lists them. `--preset` picks the defaults those flags start from.
 """
 
 from __future__ import annotations
@@ -73,6 +83,8 @@ class ScriptArguments:
     pretrained_model: str = arg(TOY, "Base pipeline: a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a "
                                 "local diffusers folder, or 'toy' for b2trl's shipped toy model.")
     pretrained_revision: str = arg("main", "Hub revision of --pretrained_model.")
+    pretrained_vae: Optional[str] = arg(None, "A VAE to use instead of the model's own (Hub id or folder), e.g. "
+                                        "madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.")
     use_lora: bool = arg(True, "Train a LoRA adapter (False: the whole UNet).")
     preset: str = arg("auto", "Defaults to start from: 'reference' (the paper's run), 'toy' (minutes on a CPU), or "
                       "'auto' ('toy' for the toy model, else 'reference'). Flags override the preset.",
@@ -190,9 +202,13 @@ def build_reward(args: ScriptArguments, is_toy: bool):
 def load_base_pipeline(args: ScriptArguments, is_toy: bool):
     model = toy_model_path() if is_toy else args.pretrained_model
     try:
-        return load_pipeline(model, revision=args.pretrained_revision, use_lora=args.use_lora)
+        return load_pipeline(
+            model, revision=args.pretrained_revision, use_lora=args.use_lora, pretrained_vae=args.pretrained_vae
+        )
     except (OSError, ValueError) as err:  # the Hub client's not-found errors are OSErrors
-        raise SystemExit(f"error: --pretrained_model {args.pretrained_model}: {err}") from None
+        flag = "--pretrained_vae" if str(err).startswith("pretrained_vae") else "--pretrained_model"
+        value = args.pretrained_vae if flag == "--pretrained_vae" else args.pretrained_model
+        raise SystemExit(f"error: {flag} {value}: {err}") from None
 
 
 def start_processes(config: B2DiffuRLConfig) -> PartialState:

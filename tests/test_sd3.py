@@ -307,7 +307,11 @@ def test_training_touches_only_the_interval_and_the_lora_round_trips_through_dif
     trainer.save_pretrained(out)
     state = StableDiffusion3Pipeline.lora_state_dict(out)
     assert state and all(k.startswith("transformer.") for k in state)
-    assert "StableDiffusion3Pipeline" in (tmp_path / "lora" / "README.md").read_text()
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert "StableDiffusion3Pipeline" in card and "- sd3" in card and "flow-matching SDE" in card
+    # the snippet pads T5 as the model was trained (diffusers' default of 256 would not)
+    length = trainer.sd_pipeline.tokenizer_3.model_max_length
+    assert f"max_sequence_length={length}" in card
     loaded = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
     loaded.load_lora_weights(out)
     plain = StableDiffusion3Pipeline.from_pretrained(sd3_dir)

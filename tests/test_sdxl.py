@@ -195,6 +195,11 @@ def test_memory_options_run_checkpointing_chunks_and_a_separate_vae(sdxl_dir, tm
         handle.remove()
     assert max(rows for rows, _, _, grad in calls if not grad) <= 2 * 4  # CFG doubles each chunk's rows
     assert max_change(before, lora_params(trainer.sd_pipeline)) > 0
+    trainer.save_pretrained(str(tmp_path / "lora"))
+    card = (tmp_path / "lora" / "README.md").read_text()
+    # the card names the VAE by folder name (never this machine's path) and loads it in the snippet
+    assert "| VAE | `vae` |" in card and 'AutoencoderKL.from_pretrained("vae")' in card and ", vae=vae)" in card
+    assert "- stable-diffusion-xl" in card and str(tmp_path) not in card
 
     # checkpointing recomputes activations; the gradient is the same
     samples, _ = trainer._generate_samples(iterations=1, batch_size=1, branch_point=4)

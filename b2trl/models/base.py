@@ -73,6 +73,7 @@ class ModelFamily:
         denoiser_name: the denoiser's attribute on the pipeline (``"unet"`` or ``"transformer"``).
         text_encoder_names: the pipeline's text encoders (frozen, moved to the inference dtype).
         lora_target_modules: the denoiser's modules that receive LoRA layers.
+        hub_tags: the model card's tags for this kind of model.
     """
 
     name: str = ""
@@ -80,6 +81,7 @@ class ModelFamily:
     denoiser_name: str = "unet"
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
     lora_target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+    hub_tags: tuple[str, ...] = ("stable-diffusion",)
 
     # ------------------------------------------------------------------ recognising a pipeline
 
@@ -113,6 +115,13 @@ class ModelFamily:
             if module is not None:
                 module.to(device, dtype=dtype)
         getattr(pipe, self.denoiser_name).to(device, dtype=dtype if use_lora else torch.float32)
+
+    def pipeline_call_kwargs(self, pipe, *, eta: float = 1.0) -> dict:
+        """
+        What the diffusers pipeline's ``__call__`` needs, beyond prompt, steps and guidance, to sample as training
+        does: DDIM's `eta` here; a flow family passes its T5 length instead.
+        """
+        return {"eta": eta}
 
     def make_sampler(self, config):
         """The sampler this family trains with, built from the config."""

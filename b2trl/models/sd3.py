@@ -36,6 +36,7 @@ class StableDiffusion3Family(ModelFamily):
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
     denoiser_name = "transformer"
+    hub_tags = ("sd3", "sd3-diffusers")
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     # diffusers' SD3 LoRA scripts' default: the joint attention's image and text projections
     lora_target_modules = (
@@ -56,6 +57,10 @@ class StableDiffusion3Family(ModelFamily):
         if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
             pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         super().prepare(pipe, use_lora=use_lora)
+
+    def pipeline_call_kwargs(self, pipe, *, eta: float = 1.0) -> dict:
+        # the flow pipeline has no eta; it must pad T5 as the model was trained
+        return {"max_sequence_length": t5_sequence_length(pipe)}
 
     def make_sampler(self, config):
         from ..samplers import FlowSDESampler

@@ -37,6 +37,7 @@ class StableDiffusionXLFamily(ModelFamily):
     pipeline_class_name = "StableDiffusionXLPipeline"
     denoiser_name = "unet"
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    hub_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
 
     def prepare(self, pipe, *, use_lora: bool) -> None:
         from diffusers import DDIMScheduler

@@ -34,6 +34,10 @@ class Sampler:
 
     name: str = "sampler"
 
+    def describe(self) -> str:
+        """A short description for model cards and logs (e.g. ``"DDIM, eta 1.0"``)."""
+        return self.name
+
     def validation_errors(self) -> list[str]:
         """Every problem with this sampler's settings, one message each, naming the field and the fix."""
         return []

@@ -22,6 +22,9 @@ class DDIMSampler(Sampler):
     def __init__(self, eta: float = 1.0):
         self.eta = eta
 
+    def describe(self) -> str:
+        return f"DDIM, eta {self.eta}"
+
     def validation_errors(self) -> list[str]:
         if not (self.eta > 0 and math.isfinite(self.eta)):
             return [
