@@ -33,6 +33,8 @@ Usage:
     python benchmarks/cost.py --methods --optimisations compile      # torch.compile alone (minutes)
     python benchmarks/cost.py --sd15-random --tiny-width --resolution 64 --num-steps 4 --interval 2
         # CPU smoke test of the GPU path
+    python benchmarks/cost.py --sdxl-random --methods b2 plain --out cost_sdxl.json
+        # GPU: SDXL-base-shaped pipeline with random weights, 1024 px (B² against plain diffusers SDXL sampling)
 
 Numbers measured on a shared CPU are noisy: compare ratios measured in one run, not numbers across runs.
 """
@@ -63,9 +65,15 @@ def parse_args(argv):
     model = parser.add_argument_group("model")
     model.add_argument("--sd15-random", action="store_true",
                        help="SD1.5-shaped pipeline built from configs with random weights (default: the toy model)")
+    model.add_argument("--sdxl-random", action="store_true",
+                       help="SDXL-base-shaped pipeline built from configs with random weights (B² and plain only: "
+                       "TRL's DDPO pipeline is SD1.x only)")
     model.add_argument("--tiny-width", action="store_true",
-                       help="with --sd15-random: narrow channels and a small text encoder, for a CPU smoke test")
-    model.add_argument("--resolution", type=int, default=512, help="image side with --sd15-random (multiple of 8)")
+                       help="with --sd15-random/--sdxl-random: narrow channels and small text encoders, for a CPU "
+                       "smoke test")
+    model.add_argument("--resolution", type=int, default=None,
+                       help="image side with --sd15-random (default 512) or --sdxl-random (default 1024); a multiple "
+                       "of 8")
     run = parser.add_argument_group("run")
     run.add_argument("--methods", nargs="*", choices=METHODS, default=["b2", "ddpo"],
                      help="what to measure; 'plain' is diffusers' StableDiffusionPipeline at --plain-batch-size")
@@ -105,7 +113,15 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 1 <= args.interval <= args.num_steps:
         parser.error(f"--interval must be in [1, --num-steps], got {args.interval}")
-    if args.sd15_random and args.resolution % 8:
+    if args.sd15_random and args.sdxl_random:
+        parser.error("give at most one of --sd15-random and --sdxl-random")
+    if args.sdxl_random and "ddpo" in (args.methods or []):
+        parser.error("--sdxl-random measures b2, b2_dpo and plain: TRL's DDPO pipeline loads SD1.x only "
+                     "(pass e.g. --methods b2 plain)")
+    args.random_model = args.sd15_random or args.sdxl_random
+    if args.resolution is None:
+        args.resolution = 1024 if args.sdxl_random else 512
+    if args.random_model and args.resolution % 8:
         parser.error("--resolution must be a multiple of 8")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,7 +130,7 @@ def parse_args(argv):
     if args.optimisations == []:
         args.optimisations = list(OPTIMISATIONS[:3])
     if args.reward == "auto":
-        args.reward = "random" if args.sd15_random else "toy_alignment"
+        args.reward = "random" if args.random_model else "toy_alignment"
     if args.ddpo_sample_batch_size is None:
         args.ddpo_sample_batch_size = args.prompts
     images = args.prompts * args.branches * args.batches

@@ -25,13 +25,14 @@ PHASE_KEYS = {"sampling": "sampling", "rewards": "reward", "training": "training
 
 def model_pipeline(args):
     """The model both trainers start from (LoRA rank 4 on the attention projections): the toy model, or with
-    `--sd15-random` an SD1.5-shaped pipeline with random weights."""
-    if args.sd15_random:
+    `--sd15-random` / `--sdxl-random` an SD1.5- or SDXL-shaped pipeline with random weights."""
+    if args.random_model:
         from b2trl.models import wrap_pipeline
-        from b2trl.testing import build_sd15_pipeline
+        from b2trl.testing import build_sd15_pipeline, build_sdxl_pipeline
 
-        with torch.device(args.device):  # initialising a billion random weights is seconds faster on a GPU
-            pipeline = build_sd15_pipeline(args.resolution, args.tiny_width, args.seed)
+        build = build_sdxl_pipeline if args.sdxl_random else build_sd15_pipeline
+        with torch.device(args.device):  # initialising billions of random weights is seconds faster on a GPU
+            pipeline = build(args.resolution, args.tiny_width, args.seed)
         return wrap_pipeline(pipeline, use_lora=True)
     return common.toy_pipeline()
 
@@ -47,7 +48,7 @@ def make_reward(args):
 
 
 def make_prompt_fn(args):
-    if args.sd15_random:
+    if args.random_model:
         return common.seeded_prompts(ANIMAL_ACTIVITY_PROMPTS, args.seed)
     from b2trl.toy import train_prompts
 
@@ -265,7 +266,8 @@ def measure_method(method: str, args) -> dict:
 
 
 def measure_plain(args) -> dict:
-    """diffusers' own `StableDiffusionPipeline.__call__` (no log-probs), for a same-run anchor."""
+    """diffusers' own pipeline call (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`, no log-probs), for a
+    same-run anchor."""
     pipeline = model_pipeline(args)
     sd = pipeline.sd_pipeline
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -275,14 +277,22 @@ def measure_plain(args) -> dict:
     images = args.prompts * args.branches * args.batches
     prompts = [ANIMAL_ACTIVITY_PROMPTS[i % len(ANIMAL_ACTIVITY_PROMPTS)] for i in range(batch)]
     call = dict(num_inference_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=1.0, output_type="pt")
+    from b2trl.models import family_for_pipeline
+
+    family = family_for_pipeline(pipeline)
     with torch.no_grad():
-        embeds, negative = sd.encode_prompt(prompts, args.device, 1, True)
-    warm_up(pipeline, {"encoder_hidden_states": negative[:1]}, [2 * batch], None, contextlib.nullcontext)
+        encoded = sd.encode_prompt(prompts, device=args.device, num_images_per_prompt=1,
+                                   do_classifier_free_guidance=True)
+        # SD1.x returns the prompt and negative embeddings; SDXL also their pooled projections
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        embeds = dict(zip(names, encoded))
+        negative = family.encode_negative(sd, "", args.device, family.image_size(sd))
+    warm_up(pipeline, negative, [2 * batch], None, contextlib.nullcontext)
     meter = CostMeter(sd.unet, sd.vae, args.device)
     try:
         with meter.phase("step"), meter.phase("sampling"), torch.no_grad():
             for _ in range(-(-images // batch)):
-                sd(prompt_embeds=embeds, negative_prompt_embeds=negative, **call)
+                sd(**embeds, **call)
     finally:
         meter.close()
     result = summarise_meter(meter, "plain")

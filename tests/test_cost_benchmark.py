@@ -106,3 +106,14 @@ def test_dpo_stage_adds_one_reference_row_per_kept_transition_and_reports_its_co
     assert 0 < dpo["reference_seconds"] < dpo["seconds"]["training"]
     share = report["dpo_vs_ppo"]["reference_share_of_training"]
     assert share == pytest.approx(dpo["reference_seconds"] / dpo["seconds"]["training"])
+
+
+def test_sdxl_shape_measures_b2_and_plain_and_refuses_trls_sd_only_ddpo(cost, capsys):
+    args = cost.parse_args(["--sdxl-random", "--methods", "b2", "plain"])
+    assert args.resolution == 1024 and args.reward == "random" and args.random_model
+    assert cost.parse_args(["--sd15-random"]).resolution == 512
+    with pytest.raises(SystemExit):
+        cost.parse_args(["--sdxl-random"])  # the default methods include TRL's DDPO
+    assert "TRL's DDPO pipeline loads SD1.x only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cost.parse_args(["--sdxl-random", "--sd15-random", "--methods", "b2"])
