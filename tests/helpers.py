@@ -2,7 +2,12 @@
 
 import importlib.util
 import itertools
+import json
+import os
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -69,3 +74,30 @@ def load_script(path, name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+TRAIN_TINY = Path(__file__).parent / "scripts" / "train_tiny.py"
+
+
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def torchrun_tiny(model_dir, tmp_path, *extra, timeout=180) -> list[dict]:
+    """Train `model_dir` with tests/scripts/train_tiny.py in two CPU processes (torchrun, gloo) and return the
+    stats it wrote per stage. A run that does not finish in `timeout` seconds fails the test as a hang."""
+    import pytest
+
+    stats = Path(tmp_path) / "stats.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           str(TRAIN_TINY), str(model_dir), str(Path(tmp_path) / "project"), "--distributed", "--stats", str(stats),
+           *extra]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"two-process training did not finish in {timeout} s (a hang)")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads(line) for line in stats.read_text().splitlines()]

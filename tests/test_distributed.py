@@ -1,34 +1,6 @@
 """Two processes on CPU (gloo), launched with torchrun, each with its own kept-sample count."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
-
-
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
-def _torchrun(model_dir, tmp_path, *extra, timeout=180):
-    stats = tmp_path / "stats.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
-           str(SCRIPT), model_dir, str(tmp_path / "project"), "--distributed", "--stats", str(stats), *extra]
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"two-process training did not finish in {timeout} s (a hang)")
-    assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads(line) for line in stats.read_text().splitlines()]
+from helpers import torchrun_tiny as _torchrun
 
 
 def test_two_processes_stay_identical_with_different_kept_counts(tiny_model_dir, tmp_path):

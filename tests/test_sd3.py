@@ -4,13 +4,7 @@ The exactness checks: with noise_level 0 the branch rollout is diffusers' own sa
 log-probability is its Gaussian's, and a recorded transition recomputes to the same value (ratio 1 on-policy).
 """
 
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +13,8 @@ from b2trl import batching
 from b2trl.models import Conditioning, StableDiffusion3Family
 from b2trl.rollout import branch_rollout
 from b2trl.samplers import FlowSDESampler
-from helpers import brightness_reward, cycling_prompts, make_trainer, max_change, small_config
+from helpers import brightness_reward, cycling_prompts, make_trainer, max_change, small_config, torchrun_tiny
 
-SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 T5_LENGTH = 16  # the tiny model's tokenizer_3.model_max_length (diffusers would pad to 256)
 
 
@@ -374,23 +367,8 @@ def test_dpo_is_log_2_at_the_reference_and_the_kl_term_runs(sd3_dir):
     assert max_change(before, _lora(trainer.sd_pipeline)) > 0
 
 
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def test_two_processes_end_with_identical_weights(sd3_dir, tmp_path):
-    stats = tmp_path / "stats.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
-           str(SCRIPT), sd3_dir, str(tmp_path / "project"), "--distributed", "--stats", str(stats), "--epochs", "2"]
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired:
-        pytest.fail("two-process SD3 training did not finish in 240 s (a hang)")
-    assert done.returncode == 0, done.stderr[-4000:]
-    stages = [json.loads(line) for line in stats.read_text().splitlines()]
+    stages = torchrun_tiny(sd3_dir, tmp_path, "--epochs", "2", timeout=240)
     assert [s["stage"] for s in stages] == [0, 1]
     assert all(s["max_weight_diff_across_ranks"] == 0.0 for s in stages)
     assert stages[-1]["weight_norm"] != stages[0]["weight_norm"]

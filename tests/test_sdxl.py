@@ -1,19 +1,13 @@
 """Stable Diffusion XL as a model family, on a tiny random SDXL pipeline built from configs (offline)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from b2trl.models import Conditioning, StableDiffusionXLFamily
-from helpers import lora_params, make_trainer, max_change
-
-SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
+from helpers import lora_params, make_trainer, max_change, torchrun_tiny
 
 
 @pytest.fixture(scope="module")
@@ -302,23 +296,8 @@ def test_full_fine_tuning_with_8bit_adamw_writes_a_loadable_pipeline(sdxl_dir, t
     assert type(loaded.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
 
 
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def test_two_processes_end_with_identical_weights(sdxl_dir, tmp_path):
-    stats = tmp_path / "stats.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
-           str(SCRIPT), sdxl_dir, str(tmp_path / "project"), "--distributed", "--stats", str(stats), "--epochs", "2"]
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired:
-        pytest.fail("two-process SDXL training did not finish in 240 s (a hang)")
-    assert done.returncode == 0, done.stderr[-4000:]
-    stages = [json.loads(line) for line in stats.read_text().splitlines()]
+    stages = torchrun_tiny(sdxl_dir, tmp_path, "--epochs", "2", timeout=240)
     assert [s["stage"] for s in stages] == [0, 1]
     assert all(s["max_weight_diff_across_ranks"] == 0.0 for s in stages)
     assert stages[-1]["weight_norm"] != stages[0]["weight_norm"]
