@@ -45,8 +45,19 @@ def push_trained(trainer, repo_id: str, *, token=None, private=None, commit_mess
     return url
 
 
-def _toy_model_path() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "model")
+# the shipped toy models: the example's --pretrained_model name, the model_path() call that loads each
+_TOY_MODELS = {"toy": ("model", "model_path()"), "toy-sd3": ("model_sd3", 'model_path("sd3")')}
+
+
+def _toy_model(base: Optional[str]) -> Optional[str]:
+    """The `model_path(...)` expression of a shipped toy model named or located by `base`, else `None`."""
+    if base is None:
+        return None
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
+    for name, (folder, expr) in _TOY_MODELS.items():
+        if base == name or os.path.realpath(base) == os.path.realpath(os.path.join(here, folder)):
+            return expr
+    return None
 
 
 def _base_model(trainer) -> Optional[str]:
@@ -222,10 +233,11 @@ def build_model_card(
 
     config = trainer.config
     base = base_model or _base_model(trainer)
-    is_toy = base == "toy" or (base is not None and os.path.realpath(base) == os.path.realpath(_toy_model_path()))
+    toy_expr = _toy_model(base)
+    is_toy = toy_expr is not None
     hub_base = base if base and not is_toy and not os.path.isdir(base) else None
     if is_toy:
-        base, base_expr, base_import = "b2trl toy model", "model_path()", "from b2trl.toy import model_path\n"
+        base, base_expr, base_import = f"b2trl toy model ({toy_expr})", toy_expr, "from b2trl.toy import model_path\n"
     elif base and hub_base is None:
         # a local folder: its name only, never this machine's path
         base, base_expr, base_import = os.path.basename(os.path.normpath(base)), '"path/to/base/model"', ""

@@ -45,6 +45,8 @@ from b2trl.toy import train_prompts
 from b2trl.toy.report import evaluate_base, report_heldout
 
 TOY = "toy"
+# --pretrained_model names of the shipped toy models, and their kind for b2trl.toy.model_path
+TOY_MODELS = {TOY: "sd", "toy-sd3": "sd3"}
 # the model card's samples: a few prompts, each under the same seeds before and after training
 CARD_PROMPTS, CARD_SEEDS = 2, [0, 1]
 
@@ -70,6 +72,8 @@ PRESETS = {
         save_freq=0,  # a short job: no checkpoints, so rerunning into the same folder just works
     ),
 }
+# on top of "toy" for the flow-matching toy model (--pretrained_model toy-sd3): docs/flow_matching.md
+TOY_FLOW = dict(noise_level=0.7)
 
 
 def arg(default, help: str, **metadata):
@@ -81,7 +85,8 @@ class ScriptArguments:
     """Arguments of this script (the trainer's are B2DiffuRLConfig's and IntervalSchedule's)."""
 
     pretrained_model: str = arg(TOY, "Base pipeline: a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a "
-                                "local diffusers folder, or 'toy' for b2trl's shipped toy model.")
+                                "local diffusers folder, or 'toy' / 'toy-sd3' for b2trl's shipped toy models "
+                                "(Stable Diffusion / SD3 flow matching).")
     pretrained_revision: str = arg("main", "Hub revision of --pretrained_model.")
     pretrained_vae: Optional[str] = arg(None, "A VAE to use instead of the model's own (Hub id or folder), e.g. "
                                         "madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.")
@@ -109,13 +114,14 @@ class ScriptArguments:
                               "the tracker).")
 
 
-def build_parser(preset: str) -> HfArgumentParser:
+def build_parser(preset: str, model: str = TOY) -> HfArgumentParser:
     parser = HfArgumentParser(
         (ScriptArguments, B2DiffuRLConfig, IntervalSchedule),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(**PRESETS[preset], exp_name="train_sd")
+    flow = TOY_FLOW if preset == "toy" and TOY_MODELS.get(model) == "sd3" else {}
+    parser.set_defaults(**PRESETS[preset], **flow, exp_name="train_sd")
     for action in parser._actions:
         # dict-valued fields (accelerator_kwargs, project_kwargs, tracker_kwargs, interval_schedule) take JSON
         if action.type in (dict, IntervalSchedule):
@@ -139,9 +145,11 @@ def parse_args(argv=None):
     probe.add_argument("--pretrained_model", default=TOY)
     probe.add_argument("--preset", default="auto")
     known, _ = probe.parse_known_args(argv)
-    preset = known.preset if known.preset != "auto" else ("toy" if known.pretrained_model == TOY else "reference")
+    preset = known.preset
+    if preset == "auto":
+        preset = "toy" if known.pretrained_model in TOY_MODELS else "reference"
 
-    parser = build_parser(preset)
+    parser = build_parser(preset, known.pretrained_model)
     namespace = parser.parse_args(argv)
 
     def fields_of(cls) -> dict:
@@ -200,7 +208,7 @@ def build_reward(args: ScriptArguments, is_toy: bool):
 
 
 def load_base_pipeline(args: ScriptArguments, is_toy: bool):
-    model = toy_model_path() if is_toy else args.pretrained_model
+    model = toy_model_path(TOY_MODELS[args.pretrained_model]) if is_toy else args.pretrained_model
     try:
         return load_pipeline(
             model, revision=args.pretrained_revision, use_lora=args.use_lora, pretrained_vae=args.pretrained_vae
@@ -235,7 +243,7 @@ def make_prompt_fn(prompts: list[str], seed: int):
 def main(argv=None):
     args, config, preset = parse_args(argv)
     state = start_processes(config)  # first: see start_processes
-    is_toy = args.pretrained_model == TOY
+    is_toy = args.pretrained_model in TOY_MODELS
     os.makedirs(args.output_dir, exist_ok=True)
     # checkpoints and tracker logs live beside the outputs unless the user points them elsewhere
     config.project_kwargs.setdefault("project_dir", args.output_dir)
@@ -285,7 +293,7 @@ def main(argv=None):
         print("Evaluating the trained model on held-out prompts...")
         # from the saved folder, as a user would load it: base + LoRA, or the saved full pipeline
         report = report_heldout(base_eval, lora_dir, use_lora=trainer.use_lora, output_dir=args.output_dir,
-                                seeds=seeds)
+                                seeds=seeds, base_model=toy_model_path(TOY_MODELS[args.pretrained_model]))
         print(report.headline())
         summary.update(report.summary())
         card_prompts, card_seeds, card_images = report.card_samples(CARD_PROMPTS, len(CARD_SEEDS))

@@ -21,12 +21,13 @@ from .world import TEMPLATES, heldout_prompts, train_prompts
 
 
 def _load(pipeline_or_path=None, lora_path=None):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     from . import model_path
 
     if pipeline_or_path is None or isinstance(pipeline_or_path, str):
-        pipe = StableDiffusionPipeline.from_pretrained(pipeline_or_path or model_path())
+        # the pipeline class the folder names: StableDiffusionPipeline or StableDiffusion3Pipeline
+        pipe = DiffusionPipeline.from_pretrained(pipeline_or_path or model_path())
     else:
         pipe = getattr(pipeline_or_path, "sd_pipeline", pipeline_or_path)  # accepts TRL's DDPO wrapper too
     if lora_path is not None:
@@ -118,13 +119,14 @@ def evaluate_alignment(
     """Mean exact alignment of a pipeline's samples on toy-world prompts.
 
     Args:
-        pipeline_or_path: a diffusers ``StableDiffusionPipeline`` (or TRL's DDPO wrapper of one), a folder to load,
-            or `None` for the shipped toy model.
+        pipeline_or_path: a diffusers pipeline (or a training wrapper of one), a folder to load (e.g.
+            ``model_path("sd3")``), or `None` for the shipped SD toy model.
         lora_path (`str`, *optional*): a LoRA folder loaded with ``pipe.load_lora_weights`` (this modifies a
             pipeline that was passed in).
         prompts (`list[str]`, *optional*): defaults to :func:`~b2trl.toy.heldout_prompts`.
         seeds: one sample per prompt and seed.
-        num_inference_steps, guidance_scale, eta: sampling settings (the RL defaults: DDIM 20, 5.0, 1.0).
+        num_inference_steps, guidance_scale, eta: sampling settings (the RL defaults: 20 steps, 5.0, DDIM eta 1.0;
+            a flow model has no eta and is sampled with the T5 length it was trained with).
         batch_size (`int`): prompts per pipeline call.
         return_images (`bool`): also return the ``(S, P, 3, H, W)`` samples under ``"images"``.
 

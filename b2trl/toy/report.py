@@ -36,13 +36,15 @@ def evaluate_base(pipeline, seeds: Sequence[int] = (0, 1, 2)) -> dict:
     return evaluate_alignment(pipeline, seeds=list(seeds), return_images=True)
 
 
-def evaluate_trained(saved: str, *, use_lora: bool, seeds: Sequence[int] = (0, 1, 2)) -> dict:
+def evaluate_trained(
+    saved: str, *, use_lora: bool, seeds: Sequence[int] = (0, 1, 2), base_model: str | None = None
+) -> dict:
     """
-    Held-out alignment of a saved fine-tune, loaded as a user would load it: the shipped toy model plus the LoRA
-    in `saved`, or the whole pipeline saved in `saved`.
+    Held-out alignment of a saved fine-tune, loaded as a user would load it: the base toy model (`base_model`, a
+    folder; by default the shipped SD toy model) plus the LoRA in `saved`, or the whole pipeline saved in `saved`.
     """
     if use_lora:
-        return evaluate_alignment(None, lora_path=saved, seeds=list(seeds), return_images=True)
+        return evaluate_alignment(base_model, lora_path=saved, seeds=list(seeds), return_images=True)
     return evaluate_alignment(saved, seeds=list(seeds), return_images=True)
 
 
@@ -148,7 +150,13 @@ def _template(prompt: str) -> str:
 
 
 def report_heldout(
-    base: dict, saved: str, *, use_lora: bool, output_dir: str, seeds: Sequence[int] | None = None
+    base: dict,
+    saved: str,
+    *,
+    use_lora: bool,
+    output_dir: str,
+    seeds: Sequence[int] | None = None,
+    base_model: str | None = None,
 ) -> HeldOutReport:
     """
     Evaluate the saved fine-tune on the held-out prompts with the same seeds as `base`, write the before/after
@@ -160,13 +168,14 @@ def report_heldout(
         use_lora (`bool`): whether `saved` holds a LoRA (else a whole pipeline).
         output_dir (`str`): where the grid and ``evaluation.json`` go.
         seeds (`Sequence[int]`, *optional*): the seeds `base` was sampled with; by default ``0 .. S-1``.
+        base_model (`str`, *optional*): the base model's folder a LoRA applies to (default: the SD toy model).
     """
     base = dict(base)
     base_images = base.pop("images")
     seeds = list(seeds) if seeds is not None else list(range(base_images.shape[0]))
     if list(base["per_prompt"]) != heldout_prompts() or len(seeds) != base_images.shape[0]:
         raise ValueError("report_heldout: `base` must come from evaluate_base on the held-out prompts with `seeds`.")
-    trained = evaluate_trained(saved, use_lora=use_lora, seeds=seeds)
+    trained = evaluate_trained(saved, use_lora=use_lora, seeds=seeds, base_model=base_model)
     trained_images = trained.pop("images")
     report = HeldOutReport(base, trained, seeds, {"base": base_images, "trained": trained_images})
     return report.write(output_dir)
