@@ -12,10 +12,20 @@ import os
 from .reward import alignment_reward, alignment_reward_with_components
 from .world import COLOURS, PALETTE, SHAPES, TEMPLATES, heldout_prompts, is_heldout, parse_prompt, render, train_prompts
 
+_MODEL_FOLDERS = {"sd": "model", "sd3": "model_sd3"}
 
-def model_path() -> str:
-    """Local folder of the shipped pretrained toy pipeline (``StableDiffusionPipeline.save_pretrained`` layout)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
+
+def model_path(kind: str = "sd") -> str:
+    """Local folder of a shipped pretrained toy pipeline (``save_pretrained`` layout).
+
+    Args:
+        kind (`str`, *optional*, defaults to `"sd"`): ``"sd"`` for the ``StableDiffusionPipeline`` (DDIM),
+            ``"sd3"`` for the ``StableDiffusion3Pipeline`` (flow matching; sample it with
+            ``max_sequence_length=16``, see its model card).
+    """
+    if kind not in _MODEL_FOLDERS:
+        raise ValueError(f"unknown toy model kind {kind!r}; expected one of {sorted(_MODEL_FOLDERS)}")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), _MODEL_FOLDERS[kind])
 
 
 def __getattr__(name):
