@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..testing import build_toy_sd3_components
-from .evaluate import summarize
+from .evaluate import evaluate_alignment
 from .pretrain import _to_model, tokenize
 from .world import COLOURS, RELATIONS, SHAPES, heldout_prompts, render, sample_train_prompts, train_prompts
 
@@ -137,49 +137,10 @@ def logit_normal_sigmas(n: int, generator, shift: float = SHIFT) -> torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-@torch.no_grad()
-def generate(
-    pipe,
-    prompts,
-    seeds=(0, 1, 2),
-    num_inference_steps: int = 20,
-    guidance_scale: float = 5.0,
-    max_sequence_length: int = T5_MAX_LENGTH,
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """Sample an SD3 pipeline once per prompt and seed, with the noise of ``b2trl.toy.generate`` (one generator per
-    (prompt, seed), seeded ``seed * 100003 + index``), so results do not depend on the batch size.
-
-    Returns:
-        `torch.Tensor` of shape ``(len(seeds), len(prompts), 3, H, W)``, float32 in [0, 1], on the CPU.
-    """
-    prompts = list(prompts)
-    out = []
-    for seed in seeds:
-        per_seed = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            gens = [torch.Generator().manual_seed(int(seed) * 100_003 + start + i) for i in range(len(chunk))]
-            images = pipe(
-                chunk,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                max_sequence_length=max_sequence_length,
-                generator=gens,
-                output_type="pt",
-            ).images
-            per_seed.append(images.float().cpu())
-        out.append(torch.cat(per_seed))
-    return torch.stack(out)
-
-
-def evaluate_flow(pipe, prompts, seeds=(0, 1, 2), **sample_kwargs) -> dict:
-    """Alignment statistics (``b2trl.toy.evaluate.summarize``) of an SD3 pipeline's samples for `prompts`."""
-    t0 = time.time()
-    pipe.set_progress_bar_config(disable=True)
-    result = summarize(generate(pipe, prompts, seeds, **sample_kwargs), list(prompts))
-    result["seconds"] = time.time() - t0
-    return result
+def evaluate_flow(pipe, prompts, seeds=(0, 1, 2)) -> dict:
+    """Alignment statistics of an SD3 pipeline's samples for `prompts` (`b2trl.toy.evaluate_alignment`, which
+    samples a flow pipeline with its tokenizer_3's T5 length)."""
+    return evaluate_alignment(pipe, prompts=list(prompts), seeds=list(seeds))
 
 
 def _brief(result: dict) -> dict:

@@ -1,0 +1,34 @@
+"""Diffusion pipelines built from configs (random weights, no downloads), in one place: one module per family.
+
+- [`build_tiny_pipeline`]: small enough for CPU tests;
+- [`build_sd15_pipeline`]: Stable Diffusion 1.5's architecture (or its layout at narrow width), for the cost
+  benchmark;
+- [`build_toy_components`]: the architecture of the shipped toy-world model, which ``b2trl.toy.pretrain``
+  trains from scratch;
+- [`build_tiny_sdxl_pipeline`], [`build_sdxl_pipeline`]: a tiny SDXL pipeline for tests, and SDXL base's shape;
+- [`build_tiny_sd3_pipeline`], [`build_toy_sd3_components`]: a tiny SD3 pipeline for tests, and the flow toy
+  model's architecture, which ``b2trl.toy.pretrain_flow`` trains.
+
+Importing this module imports only torch; diffusers and transformers are imported by the builders.
+"""
+
+from .common import assemble_pipeline, char_tokenizer, ddim_scheduler, t5_char_tokenizer, write_char_tokenizer
+from .sd import build_sd15_pipeline, build_tiny_pipeline, build_toy_components
+from .sd3 import build_tiny_sd3_pipeline, build_toy_sd3_components
+from .sdxl import build_sdxl_pipeline, build_tiny_sdxl_pipeline, build_tiny_sdxl_vae
+
+__all__ = [
+    "assemble_pipeline",
+    "build_sd15_pipeline",
+    "build_sdxl_pipeline",
+    "build_tiny_pipeline",
+    "build_tiny_sd3_pipeline",
+    "build_tiny_sdxl_pipeline",
+    "build_tiny_sdxl_vae",
+    "build_toy_components",
+    "build_toy_sd3_components",
+    "char_tokenizer",
+    "ddim_scheduler",
+    "t5_char_tokenizer",
+    "write_char_tokenizer",
+]

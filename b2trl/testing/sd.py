@@ -1,0 +1,178 @@
+"""Stable Diffusion 1.x pipelines built from configs: the tiny test pipeline, the SD1.5 shape, the toy model."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .common import _CHAR_BOS, _CHAR_EOS, assemble_pipeline, char_tokenizer, ddim_scheduler
+
+
+def build_tiny_pipeline(
+    output_dir: Optional[str] = None,
+    *,
+    seed: int = 0,
+    sample_size: int = 8,
+    model_max_length: int = 16,
+):
+    """
+    Build a randomly initialised `StableDiffusionPipeline` small enough for CPU tests.
+
+    The UNet has cross-attention blocks, so TRL's LoRA targets (to_q/to_k/to_v/to_out.0) exist. Images are
+    ``2 * sample_size`` pixels square. When `output_dir` is given the pipeline is also saved there, and that
+    folder loads with `StableDiffusionPipeline.from_pretrained` and `DefaultDDPOStableDiffusionPipeline`.
+
+    Returns:
+        The `diffusers.StableDiffusionPipeline`.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # the modules are created in this order after the seed, so a seed always gives the same weights
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=2 * sample_size,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=_CHAR_EOS + 1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=model_max_length,
+            bos_token_id=_CHAR_BOS,
+            eos_token_id=_CHAR_EOS,
+            pad_token_id=_CHAR_EOS,
+        )
+    )
+    tokenizer = char_tokenizer(model_max_length)
+    pipe = assemble_pipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=ddim_scheduler()
+    )
+    if output_dir is not None:
+        pipe.save_pretrained(output_dir)
+    return pipe
+
+
+def build_sd15_pipeline(resolution: int = 512, tiny_width: bool = False, seed: int = 0):
+    """
+    A `StableDiffusionPipeline` with Stable Diffusion 1.5's architecture and random weights (no download): its
+    UNet has SD1.5's 859.5 M parameters, the text encoder is a 12-layer CLIP of width 768 over 77 positions.
+
+    Build it under ``torch.device("cuda")`` to initialise the weights on the GPU (seconds faster), or under
+    ``torch.device("meta")`` for the architecture alone.
+
+    Args:
+        resolution (`int`, *optional*, defaults to `512`): image side in pixels (latents are 8 times smaller).
+        tiny_width (`bool`, *optional*, defaults to `False`):
+            Keep the layout (4 UNet levels, 4 VAE levels, CLIP text encoder) at narrow channels and a 2-layer text
+            encoder, so that the same code path runs in seconds on a CPU.
+        seed (`int`, *optional*, defaults to `0`): seed of the random weights.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_dim, max_length = (64, 16) if tiny_width else (768, 77)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8,
+        cross_attention_dim=text_dim,
+        attention_head_dim=8,
+        **(dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1) if tiny_width else {}),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64) if tiny_width else (128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1 if tiny_width else 2,
+        latent_channels=4,
+        sample_size=resolution,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,  # SD1.5's vocabulary; the character tokenizer uses its first 514 ids
+            hidden_size=text_dim,
+            intermediate_size=4 * text_dim,
+            num_hidden_layers=2 if tiny_width else 12,
+            num_attention_heads=4 if tiny_width else 12,
+            max_position_embeddings=max_length,
+            hidden_act="quick_gelu",
+            bos_token_id=_CHAR_BOS,
+            eos_token_id=_CHAR_EOS,
+            pad_token_id=_CHAR_EOS,
+        )
+    )
+    return assemble_pipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=char_tokenizer(max_length), unet=unet, scheduler=ddim_scheduler()
+    )
+
+
+def build_toy_components(tokenizer):
+    """
+    The shipped toy-world model's architecture with random weights: ``(vae, unet, text_encoder, scheduler)`` for
+    `tokenizer` (its vocabulary size, special tokens and ``model_max_length``). 32x32 images, 8x8x4 latents;
+    ``b2trl.toy.pretrain`` trains these from scratch and ``b2trl/toy/model/README.md`` describes them.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 96),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return vae, unet, text_encoder, ddim_scheduler()
