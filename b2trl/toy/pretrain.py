@@ -142,6 +142,49 @@ def vae_check(vae, n=256, seed=12345) -> float:
     return alignment_reward((rec + 1) / 2, prompts)[0].mean().item()
 
 
+# ----------------------------------------------------------------------------------------------- shared
+@torch.no_grad()
+def ema_update(emas, models, decay: float) -> None:
+    """Move each EMA copy's weights a step of ``1 - decay`` towards its model's."""
+    for ema, model in zip(emas, models):
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
+class CheckpointPicker:
+    """The checkpoints `--pick` can choose: the most aligned one, and the first whose single-object alignment
+    reaches `single_solved` (falling back to the most aligned)."""
+
+    def __init__(self, single_solved: float):
+        self.single_solved = single_solved
+        self.best, self.first_solved = (-1.0, None), None
+
+    def record(self, result: dict, path: str) -> None:
+        if result["overall"] > self.best[0]:
+            self.best = (result["overall"], path)
+        if self.first_solved is None and result.get("single", 0.0) >= self.single_solved:
+            self.first_solved = path
+
+    def picks(self) -> dict:
+        return {"best": self.best[1], "single_solved": self.first_solved or self.best[1]}
+
+
+def add_training_arguments(p: argparse.ArgumentParser, pick_help: str) -> None:
+    """The options both toy pretraining scripts share: data, optimiser, EMA, evaluation and the checkpoint pick."""
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--num_images", type=int, default=16000)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup_steps", type=int, default=100)
+    p.add_argument("--ema_decay", type=float, default=0.995)
+    p.add_argument("--prompt_dropout", type=float, default=0.1)
+    p.add_argument("--eval_every", type=int, default=300)
+    p.add_argument("--pick", choices=["single_solved", "best", "last"], default="single_solved", help=pick_help)
+    p.add_argument("--single_solved", type=float, default=0.95)
+
+
 # ----------------------------------------------------------------------------------------------- UNet
 @torch.no_grad()
 def quick_eval(pipe, prompts, seed: int) -> dict:
@@ -193,7 +236,7 @@ def train_unet(vae, unet, text_encoder, tokenizer, scheduler, args, rng, log):
     pipe.set_progress_bar_config(disable=True)
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
-    best, first_solved = (-1.0, None), None
+    picker = CheckpointPicker(args.single_solved)
     gen = torch.Generator().manual_seed(args.seed)
     unet.train()
     text_encoder.train()
@@ -219,10 +262,7 @@ def train_unet(vae, unet, text_encoder, tokenizer, scheduler, args, rng, log):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - args.ema_decay)
+        ema_update((ema_unet, ema_text), (unet, text_encoder), args.ema_decay)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         last = step == args.unet_steps or (args.unet_minutes and time.time() - t0 > 60 * args.unet_minutes)
@@ -233,46 +273,30 @@ def train_unet(vae, unet, text_encoder, tokenizer, scheduler, args, rng, log):
             print(json.dumps(res), flush=True)
             path = os.path.join(ckpt_dir, f"step_{step:05d}.pt")
             torch.save({"unet": ema_unet.state_dict(), "text_encoder": ema_text.state_dict()}, path)
-            if res["overall"] > best[0]:
-                best = (res["overall"], path)
-            if first_solved is None and res.get("single", 0.0) >= args.single_solved:
-                first_solved = path
+            picker.record(res, path)
             with open(os.path.join(args.output_dir, "log.json"), "w") as f:
                 json.dump(log, f, indent=1)
     log["unet_minutes"] = (time.time() - t0) / 60
     log["unet_steps_done"] = log["unet_evals"][-1]["step"] if log["unet_evals"] else 0
-    return ema_unet, ema_text, {"best": best[1], "single_solved": first_solved or best[1]}
+    return ema_unet, ema_text, picker.picks()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    add_training_arguments(
+        p,
+        "which EMA checkpoint to save: the first whose single-object train alignment reaches --single_solved "
+        "(shapes and colours are drawn, two-object prompts are not yet mastered: room for RL), the best, or the last",
+    )
     p.add_argument("--vae_steps", type=int, default=800)
     p.add_argument("--vae_batch_size", type=int, default=16)
     p.add_argument("--vae_lr", type=float, default=2e-3)
     p.add_argument("--object_weight", type=float, default=5.0)
     p.add_argument("--vae_kl", type=float, default=1e-6)
-    p.add_argument("--num_images", type=int, default=16000)
     p.add_argument("--unet_steps", type=int, default=2400)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--ema_decay", type=float, default=0.995)
-    p.add_argument("--prompt_dropout", type=float, default=0.1)
     p.add_argument("--snr_weight_max", type=float, default=10.0)
     p.add_argument("--vae_minutes", type=float, default=None, help="optional wall-clock cap on the VAE stage")
     p.add_argument("--unet_minutes", type=float, default=None, help="optional wall-clock cap on the UNet stage")
-    p.add_argument("--eval_every", type=int, default=300)
-    p.add_argument(
-        "--pick",
-        choices=["single_solved", "best", "last"],
-        default="single_solved",
-        help="which EMA checkpoint to save: the first whose single-object train alignment reaches --single_solved "
-        "(shapes and colours are drawn, two-object prompts are not yet mastered: room for RL), the best, or the last",
-    )
-    p.add_argument("--single_solved", type=float, default=0.95)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..testing import build_toy_sd3_components
 from .evaluate import evaluate_alignment
-from .pretrain import _to_model, tokenize
+from .pretrain import CheckpointPicker, _to_model, add_training_arguments, ema_update, tokenize
 from .world import COLOURS, RELATIONS, SHAPES, heldout_prompts, render, sample_train_prompts, train_prompts
 
 T5_MAX_LENGTH = 16
@@ -192,7 +192,7 @@ def train_transformer(vae, clip_tokenizer, t5_tokenizer, modules, scheduler, arg
     eval_prompts = train_prompts()
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
-    best, first_solved = (-1.0, None), None
+    picker = CheckpointPicker(args.single_solved)
     for m in modules:
         m.train()
     bar = tqdm(range(1, args.steps + 1), desc="transformer", mininterval=10)
@@ -219,10 +219,7 @@ def train_transformer(vae, clip_tokenizer, t5_tokenizer, modules, scheduler, arg
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_sched.step()
-        with torch.no_grad():
-            for ema, model in zip(emas, modules):
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - args.ema_decay)
+        ema_update(emas, modules, args.ema_decay)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         last = step == args.steps or (args.transformer_minutes and time.time() - t0 > 60 * args.transformer_minutes)
@@ -233,15 +230,12 @@ def train_transformer(vae, clip_tokenizer, t5_tokenizer, modules, scheduler, arg
             print(json.dumps(res), flush=True)
             path = os.path.join(ckpt_dir, f"step_{step:05d}.pt")
             torch.save([ema.state_dict() for ema in emas], path)
-            if res["overall"] > best[0]:
-                best = (res["overall"], path)
-            if first_solved is None and res.get("single", 0.0) >= args.single_solved:
-                first_solved = path
+            picker.record(res, path)
             with open(os.path.join(args.output_dir, "log.json"), "w") as f:
                 json.dump(log, f, indent=1)
     log["transformer_minutes"] = (time.time() - t0) / 60
     log["steps_done"] = log["evals"][-1]["step"] if log["evals"] else 0
-    return emas, {"best": best[1], "single_solved": first_solved or best[1]}
+    return emas, picker.picks()
 
 
 def save_flow_pipeline(pipe, folder: str):
@@ -263,26 +257,13 @@ def save_flow_pipeline(pipe, folder: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--num_images", type=int, default=16000)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--ema_decay", type=float, default=0.995)
-    p.add_argument("--prompt_dropout", type=float, default=0.1)
-    p.add_argument("--transformer_minutes", type=float, default=None, help="optional wall-clock cap on training")
-    p.add_argument("--eval_every", type=int, default=300)
-    p.add_argument(
-        "--pick",
-        choices=["single_solved", "best", "last"],
-        default="single_solved",
-        help="which EMA checkpoint to save: the first whose single-object train alignment reaches --single_solved "
+    add_training_arguments(
+        p,
+        "which EMA checkpoint to save: the first whose single-object train alignment reaches --single_solved "
         "(as for the SD toy model), the most aligned one, or the last",
     )
-    p.add_argument("--single_solved", type=float, default=0.95)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--transformer_minutes", type=float, default=None, help="optional wall-clock cap on training")
     p.add_argument("--final_seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of the final evaluation")
     args = p.parse_args(argv)
 
