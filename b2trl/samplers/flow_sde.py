@@ -48,10 +48,10 @@ class FlowSDESampler(Sampler):
         self.noise_level = float(noise_level)
         self.prefix_sde = prefix_sde
 
-
     def describe(self) -> str:
         prefix = "SDE" if self.prefix_sde else "ODE"
         return f"flow-matching SDE, noise level {self.noise_level} (shared prefix: {prefix})"
+
     def validation_errors(self) -> list[str]:
         if not (self.noise_level > 0 and math.isfinite(self.noise_level)):
             return [
