@@ -122,7 +122,7 @@ def build_parser(preset: str, model: str = TOY) -> HfArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     flow = TOY_FLOW if preset == "toy" and TOY_MODELS.get(model) == "sd3" else {}
-    parser.set_defaults(**PRESETS[preset], **flow, exp_name="train_sd")
+    parser.set_defaults(**{**PRESETS[preset], **flow}, exp_name="train_sd")
     for action in parser._actions:
         # dict-valued fields (accelerator_kwargs, project_kwargs, tracker_kwargs, interval_schedule) take JSON
         if action.type in (dict, IntervalSchedule):

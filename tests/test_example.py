@@ -208,3 +208,15 @@ def test_a_launch_accelerate_did_not_see_stops(train_sd, tiny_model_dir, tmp_pat
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match=r"WORLD_SIZE=2.*--accelerator_kwargs '\{\"cpu\": true\}'"):
         train_sd.main(_tiny(tiny_model_dir, tmp_path, "--prompts", "a cat"))
+
+
+def test_the_flow_toy_model_gets_the_toy_preset_with_its_own_settings(train_sd):
+    _, config, preset = train_sd.parse_args(["--pretrained_model", "toy-sd3"])
+    assert preset == "toy" and config.num_branches == train_sd.PRESETS["toy"]["num_branches"]
+    assert config.train_learning_rate == train_sd.TOY_FLOW["train_learning_rate"] != train_sd.PRESETS["toy"][
+        "train_learning_rate"]
+    assert config.noise_level == train_sd.TOY_FLOW["noise_level"]
+    _, config, _ = train_sd.parse_args(["--pretrained_model", "toy-sd3", "--train_learning_rate", "1e-4"])
+    assert config.train_learning_rate == 1e-4  # flags still override the preset
+    _, config, _ = train_sd.parse_args([])
+    assert config.train_learning_rate == train_sd.PRESETS["toy"]["train_learning_rate"]  # the SD toy unchanged
