@@ -16,6 +16,17 @@ from b2trl import B2DiffuRLTrainer, load_pipeline  # noqa: E402
 from helpers import brightness_reward, cycling_prompts, small_config  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def leave():
+    """Exit once everything is written, without the interpreter's teardown: there, a background thread of a
+    finished gloo run occasionally aborts ("terminate called without an active exception", SIGABRT) although
+    the process group was destroyed, which would fail a test whose results are already on disk."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 parser = argparse.ArgumentParser()
 parser.add_argument("model_dir")
 parser.add_argument("project_dir")
@@ -71,7 +82,7 @@ if args.plain_ddpo:
             f.write(json.dumps({"max_weight_diff_across_ranks": float((everyone - everyone[0]).abs().max())}) + "\n")
     # without this, a gloo process could abort at interpreter exit ("terminate called without an active exception")
     trainer.accelerator.end_training()
-    sys.exit(0)
+    leave()
 
 
 class CountingTrainer(B2DiffuRLTrainer):
@@ -104,3 +115,4 @@ def log_stage(trainer, stats):
 trainer.stage_end_callbacks.append(log_stage)
 trainer.train()
 trainer.accelerator.end_training()
+leave()
