@@ -82,3 +82,41 @@ def t5_char_tokenizer(model_max_length: int = 16):
     chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -3.0) for c in chars]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_vae(sample_size: int, latent_channels: int = 4, **config):
+    """The tiny test pipelines' `AutoencoderKL`: two levels of 8 and 16 channels, images of `sample_size` pixels;
+    `config` adds or overrides fields (a family's scaling, shift, ``force_upcast``)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        **config,
+    )
+
+
+def tiny_clip_config(hidden_size: int, max_length: int, num_hidden_layers: int, **config):
+    """A tiny `CLIPTextConfig` over the character tokenizer's vocabulary (its special tokens as BOS/EOS/pad), two
+    heads and an MLP twice as wide; `config` adds fields (e.g. ``projection_dim``)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=_CHAR_EOS + 1,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        bos_token_id=_CHAR_BOS,
+        eos_token_id=_CHAR_EOS,
+        pad_token_id=_CHAR_EOS,
+        **config,
+    )

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .common import _CHAR_BOS, _CHAR_EOS, assemble_pipeline, char_tokenizer, ddim_scheduler
+from .common import _CHAR_BOS, _CHAR_EOS, assemble_pipeline, char_tokenizer, ddim_scheduler, tiny_clip_config, tiny_vae
 
 
 def build_tiny_pipeline(
@@ -26,8 +26,8 @@ def build_tiny_pipeline(
     Returns:
         The `diffusers.StableDiffusionPipeline`.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     # the modules are created in this order after the seed, so a seed always gives the same weights
     torch.manual_seed(seed)
@@ -43,30 +43,8 @@ def build_tiny_pipeline(
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=2 * sample_size,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=_CHAR_EOS + 1,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=model_max_length,
-            bos_token_id=_CHAR_BOS,
-            eos_token_id=_CHAR_EOS,
-            pad_token_id=_CHAR_EOS,
-        )
-    )
+    vae = tiny_vae(2 * sample_size)
+    text_encoder = CLIPTextModel(tiny_clip_config(16, model_max_length, num_hidden_layers=1))
     tokenizer = char_tokenizer(model_max_length)
     pipe = assemble_pipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=ddim_scheduler()

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .common import _CHAR_BOS, _CHAR_EOS, char_tokenizer, t5_char_tokenizer
+from .common import char_tokenizer, t5_char_tokenizer, tiny_clip_config, tiny_vae
 
 
 def build_tiny_sd3_pipeline(
@@ -35,28 +35,16 @@ def build_tiny_sd3_pipeline(
         The `diffusers.StableDiffusion3Pipeline`.
     """
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     def clip(hidden_size):
-        return CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=_CHAR_EOS + 1,
-                hidden_size=hidden_size,
-                intermediate_size=2 * hidden_size,
-                num_hidden_layers=2,  # SD3 conditions on the penultimate layer
-                num_attention_heads=2,
-                max_position_embeddings=model_max_length,
-                projection_dim=hidden_size,
-                bos_token_id=_CHAR_BOS,
-                eos_token_id=_CHAR_EOS,
-                pad_token_id=_CHAR_EOS,
-            )
-        )
+        # two layers: SD3 conditions on the penultimate one
+        config = tiny_clip_config(hidden_size, model_max_length, num_hidden_layers=2, projection_dim=hidden_size)
+        return CLIPTextModelWithProjection(config)
 
     t5_tokenizer = t5_char_tokenizer(t5_max_length)
     torch.manual_seed(seed)
@@ -75,16 +63,9 @@ def build_tiny_sd3_pipeline(
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
+    vae = tiny_vae(
+        2 * sample_size,
         latent_channels=16,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=2 * sample_size,
         use_quant_conv=False,
         use_post_quant_conv=False,
         scaling_factor=1.5305,  # SD3's values

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .common import _CHAR_BOS, _CHAR_EOS, char_tokenizer, ddim_scheduler
+from .common import _CHAR_BOS, _CHAR_EOS, char_tokenizer, ddim_scheduler, tiny_clip_config, tiny_vae
 
 
 def build_tiny_sdxl_vae(output_dir: Optional[str] = None, *, seed: int = 0, sample_size: int = 16,
@@ -15,22 +15,9 @@ def build_tiny_sdxl_vae(output_dir: Optional[str] = None, *, seed: int = 0, samp
     A randomly initialised tiny `AutoencoderKL` with SDXL's latent scaling (0.13025) and 4 latent channels; with
     ``force_upcast=False`` it stands in for a separate fp16-safe VAE. Saved to `output_dir` when given.
     """
-    from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=sample_size,
-        scaling_factor=0.13025,
-        force_upcast=force_upcast,
-    )
+    vae = tiny_vae(sample_size, scaling_factor=0.13025, force_upcast=force_upcast)
     if output_dir is not None:
         vae.save_pretrained(output_dir)
     return vae
@@ -60,21 +47,11 @@ def build_tiny_sdxl_pipeline(
         The `diffusers.StableDiffusionXLPipeline`.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     def text_config(hidden_size, **extra):
-        return CLIPTextConfig(
-            vocab_size=_CHAR_EOS + 1,
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=2,  # SDXL conditions on the penultimate layer
-            num_attention_heads=2,
-            max_position_embeddings=model_max_length,
-            bos_token_id=_CHAR_BOS,
-            eos_token_id=_CHAR_EOS,
-            pad_token_id=_CHAR_EOS,
-            **extra,
-        )
+        # two layers: SDXL conditions on the penultimate one
+        return tiny_clip_config(hidden_size, model_max_length, num_hidden_layers=2, **extra)
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
