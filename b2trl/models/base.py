@@ -16,6 +16,18 @@ import torch
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
+def token_ids(tokenizer, prompts, device, max_length: Optional[int] = None) -> torch.Tensor:
+    """Token ids of `prompts` padded and truncated to `max_length` (default: the tokenizer's own), as diffusers'
+    pipelines tokenize them."""
+    return tokenizer(
+        list(prompts),
+        return_tensors="pt",
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length if max_length is None else max_length,
+    ).input_ids.to(device)
+
+
 @dataclass
 class Conditioning:
     """

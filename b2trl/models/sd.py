@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ModelFamily
+from .base import ModelFamily, token_ids
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -24,14 +24,7 @@ class StableDiffusionFamily(ModelFamily):
         return DDIMSampler(config.sample_eta)
 
     def encode_prompts(self, pipe, prompts, device, image_size=None):
-        tokenizer = pipe.tokenizer
-        ids = tokenizer(
-            list(prompts),
-            return_tensors="pt",
-            padding="max_length",
-            truncation=True,
-            max_length=tokenizer.model_max_length,
-        ).input_ids.to(device)
+        ids = token_ids(pipe.tokenizer, prompts, device)
         return {"encoder_hidden_states": pipe.text_encoder(ids)[0]}
 
     def forward(self, denoiser, latents, timesteps, cond):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModelFamily
+from .base import ModelFamily, token_ids
 
 # what StableDiffusion3Pipeline pads T5 to when it is not told otherwise
 DIFFUSERS_T5_LENGTH = 256
@@ -71,10 +71,7 @@ class StableDiffusion3Family(ModelFamily):
 
     def _clip(self, pipe, tokenizer, text_encoder, prompts, device):
         """One CLIP encoder's penultimate hidden states and pooled (projected) embedding."""
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        out = text_encoder(ids, output_hidden_states=True)
+        out = text_encoder(token_ids(tokenizer, prompts, device, pipe.tokenizer_max_length), output_hidden_states=True)
         return out.hidden_states[-2].to(dtype=pipe.text_encoder.dtype), out[0]
 
     def _t5(self, pipe, prompts, device):
@@ -83,11 +80,8 @@ class StableDiffusion3Family(ModelFamily):
         if pipe.text_encoder_3 is None:
             width = pipe.transformer.config.joint_attention_dim
             return torch.zeros((len(prompts), length, width), device=device, dtype=pipe.text_encoder.dtype)
-        ids = pipe.tokenizer_3(
-            prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        return pipe.text_encoder_3(ids)[0].to(dtype=pipe.text_encoder_3.dtype)
+        states = pipe.text_encoder_3(token_ids(pipe.tokenizer_3, prompts, device, length))[0]
+        return states.to(dtype=pipe.text_encoder_3.dtype)
 
     def encode_prompts(self, pipe, prompts, device, image_size=None):
         """

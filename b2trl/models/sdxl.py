@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModelFamily
+from .base import ModelFamily, token_ids
 
 # (text encoder, tokenizer) pairs in the order their hidden states are concatenated
 _ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
@@ -71,14 +71,7 @@ class StableDiffusionXLFamily(ModelFamily):
         hidden, pooled = [], None
         for encoder_name, tokenizer_name in _ENCODERS:
             tokenizer, encoder = getattr(pipe, tokenizer_name), getattr(pipe, encoder_name)
-            ids = tokenizer(
-                list(prompts),
-                return_tensors="pt",
-                padding="max_length",
-                truncation=True,
-                max_length=tokenizer.model_max_length,
-            ).input_ids.to(device)
-            out = encoder(ids, output_hidden_states=True)
+            out = encoder(token_ids(tokenizer, prompts, device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = getattr(out, "text_embeds", None)
         if pooled is None:
