@@ -46,7 +46,8 @@ class B2DiffuRLConfig(DDPOConfig):
         history_stages (`int`, *optional*, defaults to `8`):
             Previous stages whose rewards are pooled with the current stage's for the per-prompt z-score.
         interval_schedule (`IntervalSchedule`, *optional*):
-            Which final denoising steps are trained at each stage (reference: 14 + floor(7k/100) of 20).
+            Which denoising steps are trained at each stage (reference: the last 14 + floor(7k/100) of 20;
+            `IntervalSchedule(anchor="start")` trains that many first steps instead).
         rollout_chunk_size (`int` or `None`, *optional*, defaults to `None`):
             At most this many images per UNet/VAE call while sampling, to bound memory. `None`: no chunking.
         drop_nonfinite_rewards (`bool`, *optional*, defaults to `False`):
@@ -72,6 +73,10 @@ class B2DiffuRLConfig(DDPOConfig):
             `sample_eta` for DDIM models, which ignore it.
         prefix_sde (`bool`, *optional*, defaults to `False`):
             Flow-matching models only: sample the shared prefix with the SDE step instead of the ODE.
+        suffix_sde (`bool`, *optional*, defaults to `False`):
+            Flow-matching models only: with a start-anchored interval (`IntervalSchedule(anchor="start")`), finish
+            each branch after its interval with the SDE step instead of the ODE. DDIM models finish it with their
+            own step (`sample_eta`).
         resolution (`int` or `None`, *optional*, defaults to `None`):
             Image height and width in pixels; `None` uses the model's own size.
         gradient_checkpointing (`bool`, *optional*, defaults to `False`):
@@ -108,8 +113,9 @@ class B2DiffuRLConfig(DDPOConfig):
     interval_schedule: IntervalSchedule = field(
         default_factory=IntervalSchedule,
         metadata={
-            "help": "The backward progressive interval schedule. On the command line: the IntervalSchedule flags "
-            "(--initial_length, --num_stages, --milestones) or a JSON object of them; in Python an IntervalSchedule."
+            "help": "The progressive interval schedule (backward by default). On the command line: the "
+            "IntervalSchedule flags (--initial_length, --num_stages, --milestones, --anchor) or a JSON object of "
+            "them; in Python an IntervalSchedule."
         },
     )
     rollout_chunk_size: Optional[int] = field(
@@ -155,6 +161,14 @@ class B2DiffuRLConfig(DDPOConfig):
             "help": "Flow-matching models: run the shared prefix with the SDE step instead of the deterministic "
             "ODE. The prefix is not trained, so either is valid; the ODE keeps the branch point on the model's "
             "own path."
+        },
+    )
+    suffix_sde: bool = field(
+        default=False,
+        metadata={
+            "help": "Flow-matching models, start-anchored intervals: finish each branch after its interval with the "
+            "SDE step instead of the deterministic ODE. Those steps are not trained; the ODE makes a branch's image "
+            "a function of where its interval ended."
         },
     )
     resolution: Optional[int] = field(

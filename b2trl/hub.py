@@ -306,7 +306,7 @@ and branch-based sampling, arXiv 2503.11240) against the reward `{reward}`.
 | reward | `{reward}` |
 | stages trained | {stages} |
 | final stage mean reward | {final_reward} |
-| interval schedule | initial_length={schedule.initial_length}, num_stages={schedule.num_stages}, milestones={schedule.milestones} |
+| interval schedule | initial_length={schedule.initial_length}, num_stages={schedule.num_stages}, milestones={schedule.milestones}, anchor={schedule.anchor} |
 | model family | {family.name if family is not None else "sd"} (`{pipeline_class}`) |
 {f"| VAE | `{vae}` |" + chr(10) if vae else ""}| sampling | {config.sample_num_steps} steps, {sampling}, guidance {config.sample_guidance_scale} |
 | branches per prompt | {config.num_branches} (selection thresholds {config.selection_threshold_best} / {config.selection_threshold_worst}) |

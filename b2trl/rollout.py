@@ -1,7 +1,8 @@
 """Branch-based sampling: one shared prefix per prompt, then N branches finished independently.
 
-The rollout is one linear function, like a diffusers pipeline's ``__call__``: prefix, fork, finish, record.
-Only the interval's steps (after the branch point) are recorded, in the layout TRL's DDPO trainer trains on.
+The rollout is one linear function, like a diffusers pipeline's ``__call__``: prefix, fork, interval, suffix,
+decode. Only the interval's steps (from the branch point to the interval's end) are recorded, in the layout TRL's
+DDPO trainer trains on; the suffix (empty for B²'s backward interval) finishes each branch unrecorded.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class BranchRollout:
         timesteps: ``(B*N, L)`` scheduler timestep of each interval step.
         branch_latents: ``(B, C, h, w)`` the shared latent at the branch point, one per prompt.
         num_branches: ``N``.
+
+    ``L`` is the interval's length: ``interval_end - branch_point``.
     """
 
     images: torch.Tensor
@@ -123,9 +126,12 @@ def branch_rollout(
     latents: Optional[torch.Tensor] = None,
     image_size: Optional[tuple[int, int]] = None,
     prefix_sampler: Optional[Sampler] = None,
+    interval_end: Optional[int] = None,
+    suffix_sampler: Optional[Sampler] = None,
 ) -> BranchRollout:
     """
-    Sample `num_branches` images per prompt that share their first `branch_point` denoising steps.
+    Sample `num_branches` images per prompt that share their first `branch_point` denoising steps, recording the
+    steps ``[branch_point, interval_end)``.
 
     Args:
         pipeline ([`~b2trl.models.TrainingPipeline`] or a TRL `DDPOStableDiffusionPipeline`):
@@ -134,7 +140,7 @@ def branch_rollout(
             One row per prompt; with an unconditional half, sampling uses classifier-free guidance.
         sampler ([`~b2trl.samplers.Sampler`]): the stochastic step and its log-probability.
         num_inference_steps (`int`): ``T``.
-        branch_point (`int`): ``b = T - L``; steps ``[0, b)`` form the shared prefix, ``[b, T)`` the interval.
+        branch_point (`int`): steps ``[0, branch_point)`` form the shared prefix; the interval starts here.
         num_branches (`int`): ``N``, copies of the branch-point latent finished with independent noise.
         guidance_scale (`float`): classifier-free guidance scale.
         chunk_size (`int`, *optional*): at most this many rows per denoiser/VAE call, to bound memory.
@@ -144,12 +150,22 @@ def branch_rollout(
             defaults to the model's own size.
         prefix_sampler ([`~b2trl.samplers.Sampler`], *optional*): the step of the shared prefix, which is not
             recorded; defaults to ``sampler.prefix_sampler()`` (the sampler itself, or e.g. a flow model's ODE).
+        interval_end (`int`, *optional*): the first step after the interval; defaults to ``T`` (B²'s backward
+            interval). Steps ``[interval_end, T)`` are the suffix: each branch finished, nothing recorded.
+        suffix_sampler ([`~b2trl.samplers.Sampler`], *optional*): the step of the suffix; defaults to
+            ``sampler.suffix_sampler()`` (the sampler itself, or e.g. a flow model's ODE).
 
     Returns:
         [`BranchRollout`]
     """
     if not 0 <= branch_point < num_inference_steps:
         raise ValueError(f"branch_point must be in [0, {num_inference_steps}), got {branch_point}.")
+    interval_end = num_inference_steps if interval_end is None else interval_end
+    if not branch_point < interval_end <= num_inference_steps:
+        raise ValueError(
+            f"interval_end must be in ({branch_point}, {num_inference_steps}] (after branch_point, at most the number "
+            f"of steps), got {interval_end}."
+        )
     if num_branches < 1:
         raise ValueError(f"num_branches must be >= 1, got {num_branches}.")
     family = family_for_pipeline(pipeline)
@@ -164,6 +180,8 @@ def branch_rollout(
     denoise = dict(guidance_scale=guidance_scale, generator=generator)
     if prefix_sampler is None:
         prefix_sampler = sampler.prefix_sampler()
+    if suffix_sampler is None:
+        suffix_sampler = sampler.suffix_sampler()
 
     # 1. prefix: once per prompt, nothing recorded (it is not trained)
     prefix = []
@@ -179,20 +197,24 @@ def branch_rollout(
     forked = branch_latents.repeat_interleave(num_branches, dim=0)
     branched = conditioning.repeat_interleave(num_branches)
 
-    # 3. finish every branch with its own noise, recording the interval's transitions
+    # 3. the interval: every branch with its own noise, its transitions recorded
+    # 4. the suffix (start-anchored intervals only): each branch finished, nothing recorded (it is not trained)
+    interval, suffix = timesteps[branch_point:interval_end], timesteps[interval_end:]
     finals, trajectories, log_probs = [], [], []
     for rows in _chunks(forked.shape[0], chunk_size):
         final, trajectory, logp = _denoise(
-            pipeline, family, sampler, forked[rows], branched.index(rows), timesteps[branch_point:],
-            record=True, **denoise,
+            pipeline, family, sampler, forked[rows], branched.index(rows), interval, record=True, **denoise,
         )
+        if len(suffix):
+            final, _, _ = _denoise(
+                pipeline, family, suffix_sampler, final, branched.index(rows), suffix, record=False, **denoise,
+            )
         finals.append(final)
         trajectories.append(trajectory)
         log_probs.append(logp)
     trajectory = torch.cat(trajectories)
-    interval = timesteps[branch_point:]
 
-    # 4. decode
+    # 5. decode
     images = decode_latents(pipeline, torch.cat(finals), chunk_size)
     return BranchRollout(
         images=images,

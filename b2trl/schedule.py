@@ -1,8 +1,11 @@
-"""The backward progressive interval schedule of B²-DiffuRL.
+"""The progressive interval schedule of B²-DiffuRL.
 
-At stage ``k`` only the last ``L_k`` denoising steps of a ``T``-step trajectory are trained: step indices
-``[T - L_k, T)``. ``b_k = T - L_k`` is the branch point where the branches of a group fork. ``L_k`` never
-shrinks, so the trained interval grows from the end of the trajectory backwards until it covers all of it.
+At stage ``k`` only an interval of ``L_k`` denoising steps of a ``T``-step trajectory is trained. B²'s own
+(backward) schedule anchors it at the end: step indices ``[T - L_k, T)``, so ``b_k = T - L_k`` is the branch point
+where the branches of a group fork and the interval grows from the end of the trajectory backwards. Anchored at
+the start, the interval is ``[0, L_k)``: the branches fork at the initial noise, and each branch is finished by
+an unrecorded suffix ``[L_k, T)``. ``L_k`` never shrinks, so either interval grows until it covers the whole
+trajectory.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Optional
 @dataclass
 class IntervalSchedule:
     r"""
-    How long the trained interval of final denoising steps is at each stage.
+    Which denoising steps are trained at each stage: how long the interval is, and where it sits.
 
     Two shapes are supported:
 
@@ -27,18 +30,26 @@ class IntervalSchedule:
 
     Stages past the end of the schedule keep the full trajectory.
 
+    Where the interval sits is `anchor`: ``"end"`` (B²'s backward schedule, the default) trains steps
+    ``[T - L_k, T)`` and branches at ``T - L_k``; ``"start"`` trains steps ``[0, L_k)``, branching at the initial
+    noise, and finishes each branch without recording the remaining steps. [`IntervalSchedule.interval`] returns
+    ``(first_step, end_step)`` for either.
+
     Parameters:
         initial_length (`int`, *optional*, defaults to `14`):
-            Interval length at stage 0 (number of final denoising steps trained).
+            Interval length at stage 0 (number of denoising steps trained).
         num_stages (`int`, *optional*, defaults to `100`):
             Number of stages over which the linear schedule grows to the whole trajectory.
         milestones (`list[int]` or `None`, *optional*, defaults to `None`):
             Explicit stages at which the interval grows by one step; replaces the linear shape when given.
+        anchor (`str`, *optional*, defaults to `"end"`):
+            ``"end"``: the interval ends at the last step and grows backwards (B²-DiffuRL). ``"start"``: it starts
+            at step 0 and grows forwards; the steps after it finish each branch and are not trained.
     """
 
     initial_length: int = field(
         default=14,
-        metadata={"help": "Interval length at stage 0: how many final denoising steps are trained."},
+        metadata={"help": "Interval length at stage 0: how many denoising steps are trained."},
     )
     num_stages: int = field(
         default=100,
@@ -52,7 +63,23 @@ class IntervalSchedule:
         },
     )
 
+    anchor: str = field(
+        default="end",
+        metadata={
+            "help": "Where the interval sits: 'end' (the last L_k steps, growing backwards: B²-DiffuRL) or 'start' "
+            "(the first L_k steps, growing forwards; the remaining steps finish each branch untrained).",
+            "choices": ["end", "start"],
+        },
+    )
+
+    ANCHORS = ("end", "start")
+
     def __post_init__(self):
+        if self.anchor not in self.ANCHORS:
+            raise ValueError(
+                f"IntervalSchedule.anchor must be one of {', '.join(map(repr, self.ANCHORS))}, got {self.anchor!r}: "
+                "'end' trains the last steps (B²-DiffuRL's backward schedule), 'start' the first ones."
+            )
         for name in ("initial_length", "num_stages"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -100,9 +127,17 @@ class IntervalSchedule:
         increments = num_steps - self.initial_length + 1
         return min(num_steps, self.initial_length + (increments * stage) // self.num_stages)
 
+    def interval(self, stage: int, num_steps: int) -> tuple[int, int]:
+        """The trained steps at `stage` as ``(first_step, end_step)``: step indices ``[first_step, end_step)``.
+        Branches fork at ``first_step``; steps from ``end_step`` on finish each branch and are not trained."""
+        length = self.length(stage, num_steps)
+        if self.anchor == "start":
+            return 0, length
+        return num_steps - length, num_steps
+
     def branch_point(self, stage: int, num_steps: int) -> int:
-        """Index of the first trained step, ``b_k = T - L_k``: where the branches fork."""
-        return num_steps - self.length(stage, num_steps)
+        """Index of the first trained step (``b_k = T - L_k`` for the backward schedule): where branches fork."""
+        return self.interval(stage, num_steps)[0]
 
     def lengths(self, num_steps: int, num_stages: Optional[int] = None) -> list[int]:
         """Interval lengths for stages ``0 .. num_stages - 1`` (defaults to this schedule's `num_stages`)."""
@@ -110,4 +145,5 @@ class IntervalSchedule:
         return [self.length(k, num_steps) for k in range(count)]
 
     def to_dict(self) -> dict:
-        return {"initial_length": self.initial_length, "num_stages": self.num_stages, "milestones": self.milestones}
+        return {"initial_length": self.initial_length, "num_stages": self.num_stages, "milestones": self.milestones,
+                "anchor": self.anchor}

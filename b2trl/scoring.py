@@ -89,8 +89,10 @@ def reward_components(rewards_metadata) -> dict[str, float]:
     return {f"reward/{name}": float(v.mean()) for name, v in values.items() if v.numel()}
 
 
-def stage_statistics(accelerator, config, stage, branch_point, batches, all_rewards, keep, advantages) -> dict:
-    """A stage's rewards, interval, and selection counts summed over processes (every process calls this)."""
+def stage_statistics(accelerator, stage, interval, batches, all_rewards, keep, advantages) -> dict:
+    """A stage's rewards, interval ``(first_step, end_step)``, and selection counts summed over processes (every
+    process calls this)."""
+    branch_point, interval_end = interval
     # how kept samples are pushed up vs down: when the advantages sum far below zero, the update mostly pushes
     # likelihoods down, which degrades a model faster than the positive samples teach it
     kept_adv = advantages[keep]
@@ -104,8 +106,9 @@ def stage_statistics(accelerator, config, stage, branch_point, batches, all_rewa
         "reward_mean": float(np.nanmean(all_rewards)),
         "reward_std": float(np.nanstd(all_rewards)),
         "rewards_dropped": int(np.isnan(all_rewards).sum()),
-        "interval_length": config.sample_num_steps - branch_point,
+        "interval_length": interval_end - branch_point,
         "branch_point": branch_point,
+        "interval_end": interval_end,
         "groups_kept": int(groups_kept),
         "groups_total": int(keep.shape[0] * accelerator.num_processes),
         "samples_kept": int(kept),

@@ -212,15 +212,15 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
         `global_step` (optimizer steps). Each line is one named step of the method.
         """
         stage, timer = epoch, PhaseTimer()
-        branch_point = self.config.interval_schedule.branch_point(stage, self.config.sample_num_steps)
+        branch_point, interval_end = self.config.interval_schedule.interval(stage, self.config.sample_num_steps)
         with timer("sampling"):
-            samples, batches = self.sample_stage(branch_point)
+            samples, batches = self.sample_stage(branch_point, interval_end)
         with timer("rewards"):
             self.score(batches, stage)
         self.call_image_hook(batches, global_step)
         z, all_rewards = self.z_scores(batches)
         keep, advantages = self.select_samples(z)
-        stats = stage_statistics(self.accelerator, self.config, stage, branch_point, batches, all_rewards, keep,
+        stats = stage_statistics(self.accelerator, stage, (branch_point, interval_end), batches, all_rewards, keep,
                                  advantages)
         with timer("training"):
             global_step = self.train_kept(samples, keep, advantages, stats, global_step)
@@ -231,11 +231,14 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
             self.save_checkpoint(stage)  # every process takes part: FSDP/DeepSpeed need all of them
         return global_step
 
-    def sample_stage(self, branch_point: int) -> tuple[dict, list[SampleBatch]]:
-        """The stage's branch rollouts, concatenated into one dict of transitions, and their sample batches."""
+    def sample_stage(self, branch_point: int, interval_end: Optional[int] = None) -> tuple[dict, list[SampleBatch]]:
+        """The stage's branch rollouts, concatenated into one dict of transitions, and their sample batches.
+        Branches fork at `branch_point`; steps ``[branch_point, interval_end)`` are recorded (`interval_end`
+        defaults to the last step)."""
         config = self.config
         samples, batches = self._generate_samples(
-            config.sample_num_batches_per_epoch, config.sample_batch_size, branch_point=branch_point
+            config.sample_num_batches_per_epoch, config.sample_batch_size, branch_point=branch_point,
+            interval_end=interval_end,
         )
         return {k: torch.cat([s[k] for s in samples]) for k in samples[0]}, batches
 
@@ -296,12 +299,13 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
             uncond = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.negative_conditioning.items()}
         return Conditioning(cond, uncond)
 
-    def _generate_samples(self, iterations: int, batch_size: int, branch_point: int = 0):
+    def _generate_samples(self, iterations: int, batch_size: int, branch_point: int = 0,
+                          interval_end: Optional[int] = None):
         """
         Sample `iterations` batches of `batch_size` prompts, each with `num_branches` branches forking at
-        `branch_point`. Returns DDPO-layout sample dicts (rows grouped by prompt, time axis = interval steps,
-        conditioning under ``cond.*``/``uncond.*`` keys) and one [`~b2trl.rollout.SampleBatch`] per batch for the
-        reward function.
+        `branch_point` and recorded until `interval_end` (the last step by default). Returns DDPO-layout sample
+        dicts (rows grouped by prompt, time axis = interval steps, conditioning under ``cond.*``/``uncond.*`` keys)
+        and one [`~b2trl.rollout.SampleBatch`] per batch for the reward function.
         """
         config = self.config
         samples, batches = [], []
@@ -317,6 +321,7 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
                     sampler=self.sampler,
                     num_inference_steps=config.sample_num_steps,
                     branch_point=branch_point,
+                    interval_end=interval_end,
                     num_branches=n,
                     guidance_scale=config.sample_guidance_scale,
                     chunk_size=config.rollout_chunk_size,

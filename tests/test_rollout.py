@@ -151,3 +151,51 @@ def test_compile_settings_are_validated():
         small_config(compile_unet=True, compile_unet_kwargs={"speed": "max"})
     with pytest.raises(ValueError, match="train_timesteps_per_forward must be >= 1"):
         small_config(train_timesteps_per_forward=0)
+
+
+def test_a_start_anchored_interval_records_the_first_steps_and_finishes_each_branch_unrecorded(tiny_model_dir):
+    trainer = make_trainer(tiny_model_dir)
+    conditioning = trainer.encode(["a cat", "a dog"])
+    calls = []
+
+    def record(module, args):
+        calls.append((args[0].shape[0], float(args[1].reshape(-1)[0]), torch.is_grad_enabled()))
+
+    handle = trainer.sd_pipeline.unet.register_forward_pre_hook(record)
+    noise = torch.randn(2, 4, 8, 8)
+    try:
+        out = branch_rollout(
+            trainer.sd_pipeline, conditioning, sampler=trainer.sampler, num_inference_steps=6, branch_point=0,
+            interval_end=2, num_branches=3, latents=noise,
+        )
+    finally:
+        handle.remove()
+    schedule = trainer.sd_pipeline.scheduler.timesteps
+    # no prefix; the interval and the suffix both run every branch (CFG doubles the rows); nothing with gradients
+    assert [rows for rows, _, _ in calls] == [2 * 6] * 6
+    assert [t for _, t, _ in calls] == schedule.tolist() and not any(grad for *_, grad in calls)
+    # only the interval is recorded, and the branches fork at the initial noise
+    assert out.latents.shape[:2] == (6, 2) and out.log_probs.shape == (6, 2) and torch.isfinite(out.log_probs).all()
+    assert (out.timesteps == schedule[:2]).all()
+    assert torch.equal(out.branch_latents, noise) and torch.equal(out.latents[:, 0], noise.repeat_interleave(3, 0))
+    assert torch.equal(out.next_latents[:, :-1], out.latents[:, 1:])
+    assert not torch.equal(out.images[0], out.images[1])  # each branch finished with its own noise
+
+    # the recorded transitions are on-policy: their recomputed log-probabilities give ratio 1
+    rows = out.transitions(conditioning)
+    with torch.no_grad():
+        for j in range(2):
+            recomputed = trainer.transition_log_prob(
+                rows["latents"][:, j], rows["timesteps"][:, j], rows["next_latents"][:, j], Conditioning.from_rows(rows)
+            )
+            torch.testing.assert_close(recomputed, rows["log_probs"][:, j], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("first, end", [(2, 2), (2, 7), (3, 1)])
+def test_an_interval_end_outside_the_trajectory_is_named(tiny_model_dir, first, end):
+    trainer = make_trainer(tiny_model_dir)
+    with pytest.raises(ValueError, match="interval_end"):
+        branch_rollout(
+            trainer.sd_pipeline, trainer.encode(["a cat"]), sampler=trainer.sampler, num_inference_steps=6,
+            branch_point=first, interval_end=end, num_branches=2,
+        )

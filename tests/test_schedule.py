@@ -64,3 +64,28 @@ def test_parses_from_the_command_line():
         ["--initial_length", "4", "--milestones", "1", "2"]
     )
     assert schedule == IntervalSchedule(initial_length=4, milestones=[1, 2])
+
+
+def test_interval_is_the_last_steps_by_default_and_the_first_steps_when_anchored_at_the_start():
+    end, start = IntervalSchedule(initial_length=3, num_stages=4), IntervalSchedule(initial_length=3, num_stages=4,
+                                                                                     anchor="start")
+    for stage in range(6):
+        length = end.length(stage, 8)
+        assert start.length(stage, 8) == length
+        assert end.interval(stage, 8) == (8 - length, 8) and end.branch_point(stage, 8) == 8 - length
+        assert start.interval(stage, 8) == (0, length) and start.branch_point(stage, 8) == 0
+    assert start.interval(0, 8) == (0, 3) and start.interval(5, 8) == (0, 8)  # grows forwards to the whole run
+    assert start.to_dict()["anchor"] == "start" and IntervalSchedule().anchor == "end"
+
+
+def test_an_unknown_anchor_is_named():
+    with pytest.raises(ValueError, match="IntervalSchedule.anchor .*'end', 'start'.*'middle'"):
+        IntervalSchedule(anchor="middle")
+
+
+def test_anchor_parses_from_the_command_line_and_rejects_other_values():
+    parser = HfArgumentParser(IntervalSchedule)
+    (schedule,) = parser.parse_args_into_dataclasses(["--anchor", "start"])
+    assert schedule.anchor == "start"
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--anchor", "middle"])

@@ -372,3 +372,41 @@ def test_two_processes_end_with_identical_weights(sd3_dir, tmp_path):
     assert [s["stage"] for s in stages] == [0, 1]
     assert all(s["max_weight_diff_across_ranks"] == 0.0 for s in stages)
     assert stages[-1]["weight_norm"] != stages[0]["weight_norm"]
+
+
+def test_a_start_anchored_interval_finishes_each_branch_with_the_ode_unless_asked(sd3_dir):
+    from b2trl import IntervalSchedule
+    from b2trl.rollout import decode_latents
+
+    schedule = IntervalSchedule(initial_length=2, num_stages=4, anchor="start")
+    trainer = make_trainer(sd3_dir, interval_schedule=schedule, sample_num_batches_per_epoch=1,
+                           selection_rule="all", train_learning_rate=1e-2)
+    assert "untrained suffix: ODE" in trainer.sampler.describe()
+    assert trainer.sampler.suffix_sampler().noise_level == 0
+    assert FlowSDESampler(0.7, suffix_sde=True).suffix_sampler().noise_level == 0.7
+    pipeline = trainer.sd_pipeline
+    conditioning = trainer.encode(["a cat", "a dog"])
+    out = branch_rollout(pipeline, conditioning, sampler=trainer.sampler, num_inference_steps=6, branch_point=0,
+                         interval_end=2, num_branches=2, generator=torch.Generator().manual_seed(0))
+    schedule_t = pipeline.scheduler.timesteps
+    assert out.latents.shape[:2] == (4, 2) and torch.equal(out.timesteps[0], schedule_t[:2])
+    # the suffix is the ODE: finishing the recorded interval's last latent with it gives the same images
+    family, ode = trainer.family, FlowSDESampler(0.0)
+    latents, branched = out.next_latents[:, -1], conditioning.repeat_interleave(2)
+    with torch.no_grad():
+        for t in schedule_t[2:]:
+            t_batch = ode.timestep_batch(t, latents.shape[0], latents.device)
+            guidance = trainer.config.sample_guidance_scale
+            prediction = family.predict(pipeline.transformer, latents, t_batch, branched, guidance)
+            latents = ode.step(pipeline.scheduler, prediction, t_batch, latents).prev_sample
+    torch.testing.assert_close(decode_latents(pipeline, latents), out.images, rtol=0, atol=1e-5)
+
+    # training sees only the first two steps
+    calls = []
+    handle = _transformer_calls(pipeline.transformer, calls)
+    try:
+        trainer.step(0, 0)
+    finally:
+        handle.remove()
+    trained = {float(x) for rows, t, grad in calls if grad for x in t}
+    assert trained == set(schedule_t[:2].tolist())

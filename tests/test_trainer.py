@@ -178,3 +178,30 @@ def test_stacking_interval_steps_gives_the_same_update_in_fewer_calls(tiny_model
     assert max_change(one, three) < 1e-6
     assert len(calls_one) == 3 * len(calls_three) > 0  # interval of 3 steps: one call instead of three
     assert sum(calls_one) == sum(calls_three)  # the same rows in total
+
+
+def test_a_start_anchored_schedule_trains_only_the_first_steps(tiny_model_dir):
+    from b2trl import IntervalSchedule
+
+    schedule = IntervalSchedule(initial_length=2, num_stages=4, anchor="start")
+    trainer = make_trainer(tiny_model_dir, interval_schedule=schedule, selection_rule="all")
+    before = lora_params(trainer.sd_pipeline)
+    with_grad, without_grad = set(), set()
+
+    def record(module, args):
+        (with_grad if torch.is_grad_enabled() else without_grad).update(args[1].reshape(-1).tolist())
+
+    handle = trainer.sd_pipeline.unet.register_forward_pre_hook(record)
+    try:
+        trainer.step(0, 0)  # stage 0: the first 2 of 6 steps
+        timesteps = trainer.sd_pipeline.scheduler.timesteps
+        assert with_grad == set(timesteps[:2].tolist())
+        assert without_grad == set(timesteps.tolist())  # sampling still ran every step
+        stats = trainer.last_stage_stats
+        assert (stats["branch_point"], stats["interval_end"], stats["interval_length"]) == (0, 2, 2)
+        with_grad.clear()
+        trainer.step(3, 0)  # stage 3 of 4: L = 2 + floor(5 * 3 / 4) = 5, steps [0, 5)
+        assert with_grad == set(timesteps[:5].tolist())
+    finally:
+        handle.remove()
+    assert max_change(before, lora_params(trainer.sd_pipeline)) > 0

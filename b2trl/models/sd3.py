@@ -65,7 +65,7 @@ class StableDiffusion3Family(ModelFamily):
     def make_sampler(self, config):
         from ..samplers import FlowSDESampler
 
-        return FlowSDESampler(config.noise_level, prefix_sde=config.prefix_sde)
+        return FlowSDESampler(config.noise_level, prefix_sde=config.prefix_sde, suffix_sde=config.suffix_sde)
 
     # ------------------------------------------------------------------ conditioning and prediction
 

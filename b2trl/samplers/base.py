@@ -52,6 +52,11 @@ class Sampler:
         chooses another (a flow-matching SDE may run its prefix as the deterministic ODE)."""
         return self
 
+    def suffix_sampler(self) -> "Sampler":
+        """The sampler that finishes each branch after a start-anchored interval (steps that are not recorded):
+        this one unless a member chooses another (a flow-matching SDE may run it as the ODE)."""
+        return self
+
     def initial_noise_sigma(self, scheduler) -> float:
         """Scale of the initial noise."""
         return float(getattr(scheduler, "init_noise_sigma", 1.0))

@@ -40,17 +40,24 @@ class FlowSDESampler(Sampler):
         prefix_sde (`bool`, *optional*, defaults to `False`):
             Whether the shared, unrecorded prefix of a branch rollout also uses the SDE step. By default it runs
             the ODE (see [`FlowSDESampler.prefix_sampler`]).
+        suffix_sde (`bool`, *optional*, defaults to `False`):
+            Whether the unrecorded steps that finish each branch after a start-anchored interval use the SDE
+            step. By default they run the ODE, so a branch's image is a deterministic function of where its
+            interval ended (see [`FlowSDESampler.suffix_sampler`]).
     """
 
     name = "flow_sde"
 
-    def __init__(self, noise_level: float = 0.7, *, prefix_sde: bool = False):
+    def __init__(self, noise_level: float = 0.7, *, prefix_sde: bool = False, suffix_sde: bool = False):
         self.noise_level = float(noise_level)
         self.prefix_sde = prefix_sde
+        self.suffix_sde = suffix_sde
 
     def describe(self) -> str:
         prefix = "SDE" if self.prefix_sde else "ODE"
-        return f"flow-matching SDE, noise level {self.noise_level} (shared prefix: {prefix})"
+        suffix = "SDE" if self.suffix_sde else "ODE"
+        return (f"flow-matching SDE, noise level {self.noise_level} "
+                f"(shared prefix: {prefix}, untrained suffix: {suffix})")
 
     def validation_errors(self) -> list[str]:
         if not (self.noise_level > 0 and math.isfinite(self.noise_level)):
@@ -69,6 +76,11 @@ class FlowSDESampler(Sampler):
         """The ODE for the shared prefix (the prefix is not trained, so any step is valid there), unless
         `prefix_sde` asks for the SDE."""
         return self if self.prefix_sde or self.deterministic else FlowSDESampler(0.0)
+
+    def suffix_sampler(self) -> "FlowSDESampler":
+        """The ODE for the unrecorded steps after a start-anchored interval, unless `suffix_sde` asks for the
+        SDE."""
+        return self if self.suffix_sde or self.deterministic else FlowSDESampler(0.0)
 
     # ------------------------------------------------------------------ the schedule
 
