@@ -116,12 +116,12 @@ def run_in_phases(trainer, phase: Callable[[str], ContextManager]) -> None:
         setattr(trainer, attribute, wrapped)
 
 
-def toy_pipeline():
-    """The shipped toy-world model with a fresh LoRA adapter, for either trainer."""
+def toy_pipeline(kind: str = "sd"):
+    """A shipped toy-world model (`"sd"` or the flow model `"sd3"`) with a fresh LoRA adapter."""
     import b2trl.toy as toy
     from b2trl import load_pipeline
 
-    return load_pipeline(toy.model_path(), use_lora=True)
+    return load_pipeline(toy.model_path(kind), use_lora=True)
 
 
 def seeded_prompts(prompts, seed: int):

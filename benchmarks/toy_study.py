@@ -8,6 +8,8 @@ Every (method, seed) run samples the same number of images and evaluates held-ou
 - `ddpo`: plain `trl.DDPOTrainer` (trl 0.23.1) with per-prompt stat tracking and every timestep trained;
 - `b2_no_schedule`: B² training the whole trajectory from stage 0 (no backward progressive schedule);
 - `b2_no_branching`: B² with one branch per prompt (no groups), every sample trained with its per-prompt z-score.
+- `b2_start`: B² with the interval anchored at the start (`IntervalSchedule(anchor="start")`): the first steps are
+  trained and grow forwards, branches fork at the initial noise, the remaining steps finish each branch untrained.
 - `b2_n2`: B² with 32 prompts × 2 branches per stage instead of 16 × 4 (the toy preset of `examples/train_sd.py`).
 - `b2_all`: B² without selection (every branch trained with its per-prompt z-score; branching kept).
 - `b2_pairs`: B² with `selection_rule="pairs"` (best and worst branch of a group together, zero-sum advantages).
@@ -18,7 +20,8 @@ Every (method, seed) run samples the same number of images and evaluates held-ou
 All settings are in `SETTINGS` at the top of this script; `--set BLOCK.KEY=VALUE` (repeatable) and
 `--settings_json` override them:
 
-    python benchmarks/toy_study.py                                  # the study: 4 methods x 3 seeds, report in docs/
+    python benchmarks/toy_study.py                                  # the study: every method x 3 seeds, docs/study.md
+    python benchmarks/toy_study.py --model sd3                      # on the flow toy model: docs/study_flow.md
     python benchmarks/toy_study.py --set b2.train_learning_rate=3e-4 --set b2.num_branches=8
     python benchmarks/toy_study.py --settings_json '{"shared": {"train_num_inner_epochs": 1}}'
     python benchmarks/toy_study.py --show_settings                  # print the resolved settings and exit
@@ -55,7 +58,10 @@ import toy_study_report as report  # noqa: E402
 from toy_study_runs import b2_config, images_per_stage, run_one  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("b2", "b2_n2", "b2_pairs", "b2_all", "ddpo", "b2_no_schedule", "b2_no_branching", "b2_dpo", "d3po")
+METHODS = ("b2", "b2_n2", "b2_pairs", "b2_all", "ddpo", "b2_no_schedule", "b2_no_branching", "b2_start", "b2_dpo",
+           "d3po")
+# the toy models a study can train: b2trl.toy.model_path(kind), and the page its report writes
+MODELS = {"sd": "study.md", "sd3": "study_flow.md"}
 
 # ------------------------------------------------------------------------------------------------ settings
 # Everything that defines the study and its methods. A method's configuration is resolved as
@@ -66,8 +72,9 @@ METHODS = ("b2", "b2_n2", "b2_pairs", "b2_all", "ddpo", "b2_no_schedule", "b2_no
 # `interval_schedule` holds `IntervalSchedule` fields; `initial_length: "T"` means `sample_num_steps`.
 SETTINGS = {
     "study": {
-        "budget_images": 1280,  # sampled images per (method, seed): 20 stages of 64
-        "eval_every_images": 128,  # held-out evaluation every this many sampled images (and at 0)
+        "model": "sd",  # which shipped toy model: "sd" (SD1.x, DDIM) or "sd3" (flow matching, SDE sampler)
+        "budget_images": 1920,  # sampled images per (method, seed): 30 stages of 64
+        "eval_every_images": 640,  # held-out evaluation every this many sampled images (and at 0)
         "seeds": [0, 1, 2],  # training seeds
         "eval_seeds": [0, 1, 2],  # evaluation noise seeds: fixed, independent of the training seed
         "eval_num_prompts": None,  # None: all 45 held-out prompts; n: n of them, spread over the list
@@ -96,7 +103,8 @@ SETTINGS = {
         "selection_threshold_best": 0.5,
         "selection_threshold_worst": -0.5,
         "history_stages": 4,
-        "interval_schedule": {"initial_length": 14, "num_stages": 10},
+        # the interval grows from the last 14 of 20 steps to all of them over the whole budget (30 stages)
+        "interval_schedule": {"initial_length": 14, "num_stages": 30},
     },
     # 64 images per stage, every timestep trained; per-prompt statistics once a prompt has 4 rewards (before
     # that TRL standardises by the batch), over its last 16 rewards
@@ -121,6 +129,9 @@ SETTINGS = {
     # one branch per prompt: plain trajectories, all trained with their per-prompt z-score (same interval
     # schedule, same history); 64 prompts x 1 branch keeps 64 images per stage
     "b2_no_branching": {"base": "b2", "num_branches": 1, "sample_batch_size": 64, "selection_rule": "all"},
+    # the interval anchored at the start: the first 14 steps trained (branches fork at the initial noise), growing
+    # forwards; the remaining steps finish each branch untrained
+    "b2_start": {"base": "b2", "interval_schedule": {"anchor": "start"}},
     # B² with the DPO-style loss: each kept group's best and worst branch (z gap >= 1) as a (winner, loser) pair
     "b2_dpo": {"base": "b2", "loss_type": "dpo", "selection_rule": "pairs"},
     # D3PO expressed with this trainer: 32 pairs per stage sharing only the initial noise, the whole trajectory
@@ -142,11 +153,14 @@ QUICK = {
     "d3po": {"sample_batch_size": 2},
 }
 
+# --model sd3: the flow toy model's settings (examples/train_sd.py's flow preset); DDPO has no flow sampler
+FLOW = {"shared": {"train_learning_rate": 3e-4}, "b2": {"noise_level": 0.7}}
+
 # the study decides these per run; settings may not
 RESERVED = {"seed", "num_epochs", "save_freq", "log_with", "logdir", "project_kwargs", "resume_from", "run_name",
             "exp_name", "push_to_hub"}
 STUDY_KEYS = set(SETTINGS["study"])
-SCHEDULE_KEYS = {"initial_length", "num_stages", "milestones"}
+SCHEDULE_KEYS = {"initial_length", "num_stages", "milestones", "anchor"}
 
 
 # ------------------------------------------------------------------------------------------------ settings logic
@@ -211,9 +225,13 @@ def parse_value(text: str):
         return text
 
 
-def load_settings(quick: bool, settings_json: str | None, sets: list[str]) -> dict:
-    """SETTINGS, then QUICK (with `quick`), then a JSON override, then each `--set`, in that order."""
+def load_settings(quick: bool, settings_json: str | None, sets: list[str], model: str = "sd") -> dict:
+    """SETTINGS, then FLOW (for the flow toy model), then QUICK (with `quick`), then a JSON override, then each
+    `--set`, in that order."""
     settings = copy.deepcopy(SETTINGS)
+    settings["study"]["model"] = model
+    if model == "sd3":
+        settings = {block: merge(values, FLOW.get(block, {})) for block, values in settings.items()}
     if quick:
         settings = {block: merge(values, QUICK.get(block, {})) for block, values in settings.items()}
     if settings_json:
@@ -316,8 +334,11 @@ def command_line(argv: list[str]) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sd", choices=sorted(MODELS),
+                   help="the toy model: sd (SD1.x, DDIM; report docs/study.md) or sd3 (flow matching; report "
+                   "docs/study_flow.md)")
     p.add_argument("--output_dir", default=None,
-                   help="where runs/ go (default outputs/toy_study, or outputs/toy_study_quick with --quick)")
+                   help="where runs/ go (default outputs/toy_study[_flow], or outputs/toy_study_quick with --quick)")
     p.add_argument("--quick", action="store_true", help="CI-sized smoke run; its report goes to --output_dir")
     p.add_argument("--report", action="store_true", help="only aggregate the finished runs into the report")
     p.add_argument("--report_dir", default=None,
@@ -338,17 +359,23 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    settings = load_settings(args.quick, args.settings_json, args.sets)
+    settings = load_settings(args.quick, args.settings_json, args.sets, args.model)
     for key in ("seeds", "budget_images", "eval_every_images"):
         if getattr(args, key) is not None:
             settings["study"][key] = getattr(args, key)
     study = settings["study"]
-    out = Path(args.output_dir or ("outputs/toy_study_quick" if args.quick else "outputs/toy_study"))
+    default_out = "outputs/toy_study" + ("_flow" if args.model == "sd3" else "") + ("_quick" if args.quick else "")
+    out = Path(args.output_dir or default_out)
     report_dir = Path(args.report_dir) if args.report_dir else (out if args.quick else REPO / "docs")
     if args.quick and report.inside(report_dir, REPO / "docs"):
         raise SystemExit("error: a --quick run never writes its report into docs/")
 
-    resolved = {m: resolve_method(settings, m) for m in args.methods}
+    methods = list(args.methods)
+    if args.model == "sd3" and "ddpo" in methods:
+        if args.methods != list(METHODS):
+            raise SystemExit("error: ddpo (TRL's DDPOTrainer) samples with DDIM only; drop it for --model sd3")
+        methods.remove("ddpo")  # the default list: every method this model can run
+    resolved = {m: resolve_method(settings, m) for m in methods}
     check_budget(study, resolved)
     if args.show_settings:
         print(json.dumps({"study": study, **resolved}, indent=1))
@@ -367,7 +394,7 @@ def main(argv=None):
         runs.mkdir(parents=True, exist_ok=True)
         machine, code = common.machine_description(shared_cpu=True), code_version()
         for seed in study["seeds"]:  # seeds outermost: a partial study already compares every method
-            for method in args.methods:
+            for method in methods:
                 name = f"{method}_seed{seed}"
                 final, partial = runs / f"{name}.json", runs / f"{name}.partial.json"
                 key = fingerprint(resolved[method], study, seed)
@@ -393,7 +420,8 @@ def main(argv=None):
                     f"train {record['wall']['train_seconds']:.0f} s, total {record['wall']['total_seconds']:.0f} s")
 
     written = report.write_report(out / "runs", report_dir, command_line(argv), allow_quick=args.quick
-                                  or not report.inside(report_dir, REPO / "docs"), method_order=METHODS)
+                                  or not report.inside(report_dir, REPO / "docs"), method_order=METHODS,
+                                  page=MODELS[args.model])
     log(f"report: {written}")
     return written
 

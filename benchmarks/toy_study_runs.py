@@ -14,7 +14,7 @@ import toy_study_report as report
 from b2trl.timing import PhaseTimer
 
 # the per-stage statistics of B²-DiffuRL's trainer that a run record keeps
-B2_STAGE_KEYS = ("interval_length", "branch_point", "groups_kept", "groups_total", "samples_kept",
+B2_STAGE_KEYS = ("interval_length", "branch_point", "interval_end", "groups_kept", "groups_total", "samples_kept",
                  "samples_kept_positive", "samples_kept_negative", "skipped_update", "loss", "approx_kl", "clipfrac",
                  "pairs_kept", "dpo_margin", "dpo_accuracy", "kl_ref")
 
@@ -65,7 +65,7 @@ class DDPOStageStats:
         return stats
 
 
-def build_trainer(method_settings: dict, seed: int, num_stages: int, workdir: str):
+def build_trainer(method_settings: dict, seed: int, num_stages: int, workdir: str, model: str = "sd"):
     """
     A fresh pipeline (LoRA) and trainer for one run, and for DDPO the collector of its stage figures (`None` for
     B²-DiffuRL, whose trainer reports them). Nothing is written under `workdir` (no checkpoints).
@@ -80,7 +80,7 @@ def build_trainer(method_settings: dict, seed: int, num_stages: int, workdir: st
                       project_kwargs={"project_dir": workdir})
     prompt_fn = common.seeded_prompts(toy.train_prompts(), seed)
     torch.manual_seed(seed)  # the LoRA's random init
-    pipeline = common.toy_pipeline()
+    pipeline = common.toy_pipeline(model)
     if method_settings["trainer"] == "b2":
         from b2trl import B2DiffuRLTrainer
 
@@ -97,14 +97,19 @@ def build_trainer(method_settings: dict, seed: int, num_stages: int, workdir: st
     return trainer, stats
 
 
+def denoiser(trainer):
+    """The UNet (SD, TRL's pipeline) or the transformer (SD3) of a trainer's pipeline."""
+    return getattr(trainer.sd_pipeline, "denoiser", None) or trainer.sd_pipeline.unet
+
+
 def lora_state(trainer) -> dict:
-    return {n: p.detach().clone() for n, p in trainer.sd_pipeline.unet.named_parameters() if "lora" in n}
+    return {n: p.detach().clone() for n, p in denoiser(trainer).named_parameters() if "lora" in n}
 
 
 def evaluate(trainer, prompts, study, method_settings) -> dict:
     import b2trl.toy as toy
 
-    trainer.sd_pipeline.unet.eval()
+    denoiser(trainer).eval()
     result = toy.evaluate_alignment(
         trainer.sd_pipeline,
         prompts=prompts,
@@ -123,7 +128,7 @@ def run_one(method: str, seed: int, method_settings: dict, study: dict, paths: d
     per_stage = images_per_stage(method_settings)
     num_stages = study["budget_images"] // per_stage
     prompts = eval_prompts(study)
-    trainer, ddpo_stats = build_trainer(method_settings, seed, num_stages, paths["work"])
+    trainer, ddpo_stats = build_trainer(method_settings, seed, num_stages, paths["work"], study.get("model", "sd"))
     start_lora = lora_state(trainer)
     record = {
         "method": method, "seed": seed, "status": "running", "fingerprint": meta["fingerprint"],

@@ -58,6 +58,10 @@ def test_quick_study_runs_what_each_method_is(toy_study, quick_dir):
     # B² records its schedule per stage; with one branch every sample is its own group
     assert [s["interval_length"] for s in runs["b2"]["stages"]] == [14, 17]
     assert all(s["interval_length"] == 20 for s in runs["b2_no_schedule"]["stages"])
+    # anchored at the start: the same lengths, trained from step 0
+    assert settings["b2_start"]["interval_schedule"]["anchor"] == "start"
+    assert [(s["branch_point"], s["interval_end"]) for s in runs["b2_start"]["stages"]] == [(0, 14), (0, 17)]
+    assert [(s["branch_point"], s["interval_end"]) for s in runs["b2"]["stages"]] == [(6, 20), (3, 20)]
     assert all(s["groups_total"] == 4 for s in runs["b2_no_branching"]["stages"])
     assert "interval_length" not in runs["ddpo"]["stages"][0]
     assert runs["ddpo"]["stages"][0]["optimizer_steps"] > 0
@@ -103,6 +107,21 @@ def test_a_changed_setting_retrains_only_that_run(toy_study, quick_dir, capsys):
     assert before[quick_dir / "runs" / "ddpo_seed0.json"] == (quick_dir / "runs" / "ddpo_seed0.json").stat().st_mtime_ns
 
 
+def test_quick_flow_study_trains_the_flow_toy_model_and_writes_its_own_page(toy_study, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="ddpo .*DDIM only"):
+        toy_study.main(["--quick", "--model", "sd3", "--output_dir", str(tmp_path), "--methods", "b2", "ddpo"])
+    toy_study.main(["--quick", "--model", "sd3", "--output_dir", str(tmp_path), "--methods", "b2", "b2_start"])
+    runs = _runs(tmp_path, ["b2", "b2_start"])
+    for run in runs.values():
+        assert run["study"]["model"] == "sd3" and run["settings"]["noise_level"] == 0.7
+        assert run["settings"]["train_learning_rate"] == toy_study.FLOW["shared"]["train_learning_rate"]
+        assert run["status"] == "done" and run["lora_max_change"] > 0
+    assert runs["b2_start"]["stages"][0]["branch_point"] == 0
+    text = (tmp_path / "study_flow.md").read_text()
+    assert "flow toy model" in text and "| `b2_start` |" in text and "first L 14" in text
+    assert (tmp_path / "img" / "study_flow_alignment.png").stat().st_size > 0
+
+
 def test_quick_never_writes_into_docs(toy_study, tmp_path):
     with pytest.raises(SystemExit, match="docs"):
         toy_study.main(["--quick", "--output_dir", str(tmp_path), "--report_dir", str(REPO / "docs")])
@@ -120,7 +139,8 @@ def test_overrides_reach_the_methods_built_on_them(toy_study):
     assert resolved["b2"]["train_learning_rate"] == 3e-4 == resolved["b2_no_branching"]["train_learning_rate"]
     assert resolved["ddpo"]["train_learning_rate"] == toy_study.SETTINGS["shared"]["train_learning_rate"]
     assert {r["train_num_inner_epochs"] for r in resolved.values()} == {1}
-    assert resolved["b2"]["interval_schedule"] == {"initial_length": 16, "num_stages": 10}
+    assert resolved["b2"]["interval_schedule"] == {"initial_length": 16, "num_stages": 30}
+    assert resolved["b2_start"]["interval_schedule"] == {"initial_length": 16, "num_stages": 30, "anchor": "start"}
     assert resolved["b2_no_schedule"]["interval_schedule"]["initial_length"] == 20  # "T" follows the steps
     assert {toy_study.images_per_stage(r) for r in resolved.values()} == {64}
     toy_study.check_budget(settings["study"], resolved)
