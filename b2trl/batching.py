@@ -66,15 +66,21 @@ def micro_batches(
     `batch` holds a micro-batch's rows for `steps_per_forward` interval steps (see [`stack_steps`]); its loss is
     a mean over those rows, and ``loss * scale`` is its share of the window's average over samples x steps;
     `closes_window` is true for the last call before an optimizer step (where gradients are synchronised).
+
+    A micro-batch with fewer rows than `batch_size` (few kept samples, or the last one of a pass) stacks
+    proportionally more steps per call, so no call exceeds ``batch_size * steps_per_forward`` rows and small
+    kept sets do not pay for half-empty calls. The gradient is the same either way.
     """
     total, num_steps = samples["timesteps"].shape
+    full_rows = -(-batch_size // group_size) * group_size  # a full micro-batch, in whole groups
     shuffled = shuffle(samples, group_size=group_size)
     for window in accumulation_windows(total, batch_size, accumulation_steps, group_size=group_size):
         window_rows = sum(b.stop - b.start for b in window)
         for index, rows in enumerate(window):
             sample = {k: v[rows] for k, v in shuffled.items()}
             weight = (rows.stop - rows.start) / (window_rows * num_steps)
-            for steps in step_chunks(num_steps, steps_per_forward):
+            per_forward = steps_per_forward * max(1, full_rows // (rows.stop - rows.start))
+            for steps in step_chunks(num_steps, per_forward):
                 closes = index == len(window) - 1 and steps.stop == num_steps
                 # a loss that is a mean over k steps' rows stands for k single-step losses
                 yield stack_steps(sample, steps, group_size=group_size), weight * (steps.stop - steps.start), closes

@@ -81,9 +81,12 @@ class B2DiffuRLConfig(DDPOConfig):
             Image height and width in pixels; `None` uses the model's own size.
         gradient_checkpointing (`bool`, *optional*, defaults to `False`):
             Recompute the denoiser's activations during the backward pass (less memory, slower training).
-        train_timesteps_per_forward (`int`, *optional*, defaults to `1`):
+        train_timesteps_per_forward (`int`, *optional*, defaults to `2`):
             Interval steps of a training micro-batch stacked into one UNet forward and backward pass. The gradient
-            is the same; activation memory grows with it, and so does throughput on a GPU with memory to spare.
+            is the same; a call holds ``train_batch_size * train_timesteps_per_forward`` sample-steps (doubled by
+            CFG), so activation memory grows with it, and so does throughput. A micro-batch with fewer samples
+            (a small kept set, the last one of a pass) stacks proportionally more steps, never more rows. Set 1
+            for TRL DDPO's memory per call (one step of `train_batch_size` samples).
     """
 
     num_branches: int = field(
@@ -227,10 +230,12 @@ class B2DiffuRLConfig(DDPOConfig):
         },
     )
     train_timesteps_per_forward: int = field(
-        default=1,
+        default=2,
         metadata={
             "help": "Interval steps of a training micro-batch stacked into one UNet forward/backward. Same gradient; "
-            "activation memory grows with it (train_batch_size * this rows, doubled by CFG)."
+            "activation memory grows with it (train_batch_size * this rows, doubled by CFG): set 1 if training runs "
+            "out of memory. A micro-batch with fewer than train_batch_size samples stacks more steps, up to the same "
+            "number of rows."
         },
     )
 

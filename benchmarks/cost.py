@@ -87,8 +87,9 @@ def parse_args(argv):
     run.add_argument("--plain-batch-size", type=int, default=8)
     run.add_argument("--train-batch-size", type=int, default=4, help="training micro-batch (both methods)")
     run.add_argument("--inner-epochs", type=int, default=1, help="training passes over the samples (both methods)")
-    run.add_argument("--timesteps-per-forward", type=int, default=1,
-                     help="B²'s train_timesteps_per_forward: interval steps stacked into one training UNet call")
+    run.add_argument("--timesteps-per-forward", type=int, default=None,
+                     help="B²'s train_timesteps_per_forward: interval steps stacked into one training UNet call "
+                     "(default: the config's default)")
     run.add_argument("--guidance-scale", type=float, default=5.0)
     run.add_argument("--reward", choices=["auto", "toy_alignment", "brightness", "random"], default="auto",
                      help="auto: toy_alignment on the toy model, random (seeded scores) with --sd15-random")

@@ -69,7 +69,7 @@ def build_b2_trainer(args, logdir, loss_type: str = "ppo"):
         train_batch_size=args.train_batch_size,
         train_gradient_accumulation_steps=1,
         train_num_inner_epochs=args.inner_epochs,
-        train_timesteps_per_forward=args.timesteps_per_forward,
+        **({} if args.timesteps_per_forward is None else {"train_timesteps_per_forward": args.timesteps_per_forward}),
         interval_schedule=IntervalSchedule(initial_length=args.interval, milestones=[]),  # L stays fixed
         loss_type=loss_type,
         mixed_precision=args.mixed_precision,

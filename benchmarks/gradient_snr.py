@@ -1,13 +1,37 @@
-"""How much of one stage's policy gradient is signal, per branch point, on the toy world.
+"""Do branch comparisons give an interval's steps a cleaner policy gradient per image? Measured on the toy world.
 
-Draws several independent stages (fresh prompts and noise, same weights), computes each stage's policy
-gradient (the PPO loss gradient at ratio 1: minus the advantage-weighted sum of the interval steps'
-log-probability gradients, on the kept samples), and reports the cosine similarity between the gradients of
-different stages. Two gradients that each were mostly signal point the same way (cosine near 1); pure noise
-gives cosines near 0. If a stage of n images gives mean cosine c, the noise-to-signal ratio of one image's
-gradient is about n (1 - c) / c, which is also the number of images a gradient needs for a cosine of 0.5.
+For each interval position and setup, draws several independent stages (fresh prompts and noise, same weights:
+nothing is ever updated), computes each stage's policy gradient (the PPO loss gradient at ratio 1: minus the
+advantage-weighted sum of the interval steps' log-probability gradients, on the kept samples) and reports how
+well the gradients of different stages agree: their mean pairwise cosine similarity. Two gradients that each
+were mostly signal point the same way (cosine near 1); pure noise gives cosines near 0. If a stage's gradient
+sums `kept` images and the mean cosine is c, the noise-to-signal ratio of one image's gradient is about
+kept (1 - c) / c, which is also the number of images a gradient needs for a cosine of 0.5.
 
-    python benchmarks/gradient_snr.py --branch_points 0 6 --rule all
+Setups, all at the same number of images per stage (`--prompts_per_stage` P, `--num_branches` N):
+
+- `b2`: B²'s groups, P prompts x N branches forking at the interval's first step, best/worst selection.
+- `b2_all`: the same groups (the same samples, stage for stage), every branch trained.
+- `independent`: P x N independent trajectories (one branch each), every one trained.
+- `b2_pairs` (optional): the groups with the "pairs" selection rule.
+- `independent_groups` (optional): P prompts drawn N times each, independent trajectories (no shared prefix):
+  the per-prompt comparison of the groups without their branching.
+
+Every setup z-scores a stage's rewards per prompt against that stage alone (`history_stages=0`), so stages
+are independent; `independent` prompts drawn only once in a stage get z = 0 and add nothing (the JSON's
+`trained` counts the samples with a nonzero advantage). Stage i of every setup uses seed `--seed` + i for its
+prompts and noise, so the setups see the same prompt sequence and `b2` and `b2_all` the very same samples.
+
+Positions: an interval of `--interval_length` L of the T steps at the start ([0, L)), in the middle
+([(T - L) // 2, (T - L) // 2 + L)) or at the end ([T - L, T), where B²'s schedule starts). Branches fork at
+the interval's first step; the steps after it finish each branch unrecorded.
+
+Statistics: n stages give n (n - 1) / 2 pairwise cosines, which are not independent (each stage is in n - 1
+of them). The standard error of their mean is the delete-one-stage jackknife's:
+SE = sqrt((n - 1) / n * sum_i (m_-i - m)^2), m_-i the mean cosine of the pairs without stage i.
+
+    python benchmarks/gradient_snr.py --stages 8 --out outputs/gradient_snr.json
+    python benchmarks/gradient_snr.py --model sd3 --positions early late --setups b2 independent
 """
 
 from __future__ import annotations
@@ -19,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,97 +51,215 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+POSITIONS = ("early", "middle", "late")
+# setup -> (prompts per stage and branches per prompt, as factors of P and N; selection rule; prompt repeats)
+SETUPS = {
+    "b2": dict(prompts="P", branches="N", rule="best_worst"),
+    "b2_all": dict(prompts="P", branches="N", rule="all"),
+    "b2_pairs": dict(prompts="P", branches="N", rule="pairs"),
+    "independent": dict(prompts="PN", branches="1", rule="all"),
+    "independent_groups": dict(prompts="PN", branches="1", rule="all", repeat="N"),
+}
+DEFAULT_SETUPS = ("b2", "b2_all", "independent")
 
-def stage_gradient(trainer, branch_point: int, seed: int):
+
+def interval(position: str, num_steps: int, length: int) -> tuple[int, int]:
+    """The steps ``[start, end)`` of an interval of `length` steps at `position` of a `num_steps`-step
+    trajectory."""
+    if not 1 <= length <= num_steps:
+        raise ValueError(f"interval length must be in [1, {num_steps}], got {length}.")
+    start = {"early": 0, "middle": (num_steps - length) // 2, "late": num_steps - length}[position]
+    return start, start + length
+
+
+def setup_shape(setup: str, prompts_per_stage: int, num_branches: int) -> dict:
+    """A setup's sampling batch: prompts per stage, branches per prompt, selection rule, prompt repeats."""
+    spec = SETUPS[setup]
+    factor = {"P": prompts_per_stage, "N": num_branches, "PN": prompts_per_stage * num_branches, "1": 1}
+    return dict(prompts=factor[spec["prompts"]], branches=factor[spec["branches"]], rule=spec["rule"],
+                repeat=factor[spec.get("repeat", "1")])
+
+
+def repeated(prompt_fn, times: int):
+    """A prompt function returning each of `prompt_fn`'s prompts `times` times in a row."""
+    draws = (drawn for drawn in iter(prompt_fn, None) for _ in range(times))
+    return lambda: next(draws)
+
+
+class Stage(NamedTuple):
+    gradient: "object"  # torch.Tensor: the flattened gradient of the trainable parameters
+    kept: int  # samples the selection kept
+    trained: int  # kept samples with a nonzero advantage (the ones that contribute)
+    reward_mean: float
+    steps: tuple[int, int]  # the recorded steps [start, end), read from the samples' timesteps
+
+
+def stage_gradient(trainer, branch_point: int, seed: int, interval_end: int | None = None, repeat: int = 1) -> Stage:
     """
     One stage's policy gradient at ratio 1, through the trainer's own named steps (sample, score, z-score,
-    select): minus the advantage-weighted sum of the kept samples' interval log-probability gradients.
-    Returns ``(gradient, kept samples, mean reward)``.
+    select): minus the advantage-weighted sum of the kept samples' log-probability gradients over the interval
+    ``[branch_point, interval_end)`` (to the last step by default). The stage's prompts (each drawn `repeat`
+    times in a row) and noise both follow `seed`.
     """
     import torch
 
     import b2trl.toy as toy
     from b2trl.models import Conditioning
 
-    # the stage's prompts and noise both follow `seed`
-    trainer.prompt_fn = common.seeded_prompts(toy.train_prompts(), seed)
+    trainer.prompt_fn = repeated(common.seeded_prompts(toy.train_prompts(), seed), repeat)
     torch.manual_seed(seed)
-    samples, batches = trainer.sample_stage(branch_point)
+    samples, batches = trainer.sample_stage(branch_point, interval_end)
     trainer.score(batches, stage=seed)
     z, rewards = trainer.z_scores(batches)
     keep, advantages = trainer.select_samples(z)
     rows = torch.as_tensor(np.flatnonzero(keep.reshape(-1)))
-    advantages = torch.as_tensor(advantages.reshape(-1)[rows.numpy()]).float()
+    weights = torch.as_tensor(advantages.reshape(-1)[rows.numpy()]).float()
     conditioning = Conditioning.from_rows(samples).index(rows)
     trainer.optimizer.zero_grad()
-    for j in range(samples["timesteps"].shape[1]):
-        log_prob = trainer.transition_log_prob(
-            samples["latents"][rows, j], samples["timesteps"][rows, j], samples["next_latents"][rows, j], conditioning
-        )
-        (-(advantages * log_prob).sum()).backward()
-    grad = torch.cat([p.grad.flatten().clone() for p in trainer.trainable_params if p.grad is not None])
-    return grad, int(keep.sum()), float(np.nanmean(rewards))
+    if len(rows):
+        for j in range(samples["timesteps"].shape[1]):
+            log_prob = trainer.transition_log_prob(
+                samples["latents"][rows, j], samples["timesteps"][rows, j], samples["next_latents"][rows, j],
+                conditioning,
+            )
+            (-(weights * log_prob).sum()).backward()
+    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().clone()
+                      for p in trainer.trainable_params])
+    trainer.optimizer.zero_grad()
+    # which steps of the whole trajectory the samples recorded
+    schedule = trainer.sampler.timesteps(trainer.sd_pipeline.scheduler, trainer.config.sample_num_steps,
+                                         trainer.accelerator.device)
+    recorded = [int((schedule.float() - float(t)).abs().argmin()) for t in samples["timesteps"][0]]
+    return Stage(grad, int(keep.sum()), int((keep & (advantages != 0)).sum()), float(np.nanmean(rewards)),
+                 (recorded[0], recorded[-1] + 1))
 
 
-def make_trainer(prompts_per_stage: int, num_branches: int, rule: str):
-    """A B² trainer on the shipped toy model (LoRA), one sampling batch per stage; `stage_gradient` sets its
-    prompts. Writes nothing."""
+def make_trainer(prompts_per_stage: int, num_branches: int, rule: str, model: str = "sd", num_steps: int = 20,
+                 lora_seed: int = 0):
+    """A B² trainer on a shipped toy model (LoRA), one sampling batch per stage; `stage_gradient` sets its
+    prompts. The LoRA adapter is initialised from `lora_seed`, so trainers built with the same seed start from
+    the same weights. Writes nothing."""
+    import torch
+
     import b2trl.toy as toy
-    from b2trl import B2DiffuRLConfig, B2DiffuRLTrainer
+    from b2trl import B2DiffuRLConfig, B2DiffuRLTrainer, IntervalSchedule
 
     config = B2DiffuRLConfig(
         num_epochs=1,
+        sample_num_steps=num_steps,
         sample_batch_size=prompts_per_stage,
         sample_num_batches_per_epoch=1,
         num_branches=num_branches,
         selection_rule=rule,
         # z-scores against this stage's rewards alone: stages stay independent, whatever was drawn before
         history_stages=0,
+        # unused (the interval is chosen per stage), but validated against the number of steps
+        interval_schedule=IntervalSchedule(initial_length=num_steps),
+        # the flow model's SDE noise scale (examples/train_sd.py's flow preset); DDIM models ignore it
+        noise_level=0.7,
         mixed_precision="no",
         save_freq=0,
         log_with=None,
         project_kwargs={"project_dir": tempfile.mkdtemp(prefix="gradient_snr_")},
     )
-    return B2DiffuRLTrainer(config, toy.alignment_reward, lambda: (toy.train_prompts()[0], {}), common.toy_pipeline())
+    torch.manual_seed(lora_seed)
+    pipeline = common.toy_pipeline(model)
+    return B2DiffuRLTrainer(config, toy.alignment_reward, lambda: (toy.train_prompts()[0], {}), pipeline)
+
+
+def jackknife(cosines, n: int) -> tuple[float, float]:
+    """
+    The mean of the pairwise cosines of `n` stages (in ``itertools.combinations(range(n), 2)`` order) and its
+    delete-one-stage jackknife standard error; `n` must be at least 3.
+    """
+    if n < 3:
+        raise ValueError(f"the jackknife needs at least 3 stages, got {n}.")
+    pairs = list(itertools.combinations(range(n), 2))
+    cosines = np.asarray(cosines, dtype=np.float64)
+    if cosines.shape != (len(pairs),):
+        raise ValueError(f"{n} stages have {len(pairs)} pairs, got {cosines.shape[0]} cosines.")
+    involved = np.array([[i in pair for pair in pairs] for i in range(n)])  # (stage, pair)
+    leave_one_out = np.array([cosines[~involved[i]].mean() for i in range(n)])
+    se = np.sqrt((n - 1) / n * ((leave_one_out - leave_one_out.mean()) ** 2).sum())
+    return float(cosines.mean()), float(se)
+
+
+def measure_cell(trainer, setup: dict, start: int, end: int, seeds) -> dict:
+    """The stages of one (setup, position) cell, their pairwise cosines, mean and jackknife SE."""
+    import torch
+
+    t0 = time.time()
+    stages = [stage_gradient(trainer, start, seed, end, repeat=setup["repeat"]) for seed in seeds]
+    cosines = [float(torch.nn.functional.cosine_similarity(a.gradient, b.gradient, dim=0))
+               for a, b in itertools.combinations(stages, 2)]
+    mean, se = jackknife(cosines, len(stages))
+    kept = float(np.mean([s.kept for s in stages]))
+    return dict(
+        steps=[start, end], recorded_steps=[list(s.steps) for s in stages], seeds=list(seeds),
+        kept=[s.kept for s in stages], trained=[s.trained for s in stages],
+        reward_mean=[s.reward_mean for s in stages], cosines=cosines, mean_cosine=mean, se=se,
+        kept_mean=kept, noise_to_signal_per_image=kept * (1 - mean) / mean if mean > 0 else float("inf"),
+        seconds=time.time() - t0,
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--branch_points", type=int, nargs="+", default=[0, 6], help="steps shared before branching")
-    parser.add_argument("--rule", default="all", choices=["all", "best_worst", "pairs"], help="selection rule")
-    parser.add_argument("--prompts_per_stage", type=int, default=32)
-    parser.add_argument("--num_branches", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=4, help="independent stages per branch point")
+    parser.add_argument("--setups", nargs="+", default=list(DEFAULT_SETUPS), choices=list(SETUPS))
+    parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=list(POSITIONS))
+    parser.add_argument("--interval_length", type=int, default=6, help="L: steps in the interval")
+    parser.add_argument("--num_steps", type=int, default=20, help="T: denoising steps per trajectory")
+    parser.add_argument("--prompts_per_stage", type=int, default=32, help="P: prompts per stage of the groups")
+    parser.add_argument("--num_branches", type=int, default=4, help="N: branches per group")
+    parser.add_argument("--stages", type=int, default=8, help="independent stages per (setup, position)")
+    parser.add_argument("--seed", type=int, default=0, help="stage i uses seed SEED + i (every setup alike)")
+    parser.add_argument("--model", default="sd", choices=["sd", "sd3"], help="toy model: sd (DDIM) or sd3 (flow)")
+    parser.add_argument("--target_se", type=float, default=0.03, help="the standard error the report checks")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.stages < 3:
+        parser.error("--stages must be at least 3 (the jackknife needs them)")
+    for position in args.positions:
+        try:
+            interval(position, args.num_steps, args.interval_length)
+        except ValueError as err:
+            parser.error(str(err))
 
     import torch
 
     torch.set_num_threads(args.threads)
-    trainer = make_trainer(args.prompts_per_stage, args.num_branches, args.rule)
-    config = trainer.config
+    seeds = [args.seed + i for i in range(args.stages)]
+    shapes = {name: setup_shape(name, args.prompts_per_stage, args.num_branches) for name in args.setups}
+    # one trainer per setup, reused for every position and stage (its weights never change)
+    trainers = {name: make_trainer(s["prompts"], s["branches"], s["rule"], args.model, args.num_steps)
+                for name, s in shapes.items()}
     images = args.prompts_per_stage * args.num_branches
-    results = []
-    print(f"{images} images per stage, rule {args.rule!r}, {args.repeats} stages per branch point")
-    print("| branch point | trained steps | kept / stage | mean cosine | cosines | noise/signal per image |")
-    print("|---|---|---|---|---|---|")
-    for branch_point in args.branch_points:
-        t0 = time.time()
-        grads = [stage_gradient(trainer, branch_point, seed) for seed in range(args.repeats)]
-        cosines = [float(torch.nn.functional.cosine_similarity(a[0], b[0], dim=0))
-                   for a, b in itertools.combinations(grads, 2)]
-        mean = float(np.mean(cosines))
-        kept = float(np.mean([g[1] for g in grads]))
-        ratio = kept * (1 - mean) / mean if mean > 0 else float("inf")
-        results.append(dict(branch_point=branch_point, cosines=cosines, mean_cosine=mean, kept=kept,
-                            noise_to_signal_per_image=ratio, seconds=time.time() - t0))
-        print(f"| {branch_point} | {config.sample_num_steps - branch_point} | {kept:.0f} | {mean:+.3f} | "
-              f"{' '.join(f'{c:+.2f}' for c in cosines)} | {ratio:.0f} |")
+    cells = []
+    print(f"{args.stages} independent stages per cell, {images} images per stage, {args.model} toy model, "
+          f"intervals of {args.interval_length} of {args.num_steps} steps")
+    print("| position | steps | setup | images/stage | kept/stage | mean cosine ± SE | noise/signal per image |")
+    print("|---|---|---|---|---|---|---|")
+    for position in args.positions:
+        start, end = interval(position, args.num_steps, args.interval_length)
+        for name, shape in shapes.items():
+            cell = measure_cell(trainers[name], shape, start, end, seeds)
+            cell = dict(position=position, setup=name, prompts_per_stage=shape["prompts"],
+                        num_branches=shape["branches"], selection_rule=shape["rule"],
+                        prompt_repeats=shape["repeat"], images_per_stage=shape["prompts"] * shape["branches"], **cell)
+            cells.append(cell)
+            print(f"| {position} | [{start}, {end}) | {name} | {cell['images_per_stage']} | {cell['kept_mean']:.1f} | "
+                  f"{cell['mean_cosine']:+.3f} ± {cell['se']:.3f} | {cell['noise_to_signal_per_image']:.0f} |",
+                  flush=True)
+    over = [f"{c['position']}/{c['setup']} ({c['se']:.3f})" for c in cells if c["se"] > args.target_se]
+    print(f"SE <= {args.target_se} in every cell: " + ("yes" if not over else "no; above it: " + ", ".join(over)))
+    result = dict(args=vars(args), machine=common.machine_description(shared_cpu=True), stages=args.stages,
+                  cosine_pairs="itertools.combinations(range(stages), 2)", cells=cells)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(dict(args=vars(args), images_per_stage=images, results=results), f, indent=1)
-    return results
+            json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def test_compile_settings_are_validated():
     from helpers import small_config
 
     config = small_config(compile_unet=True, compile_unet_kwargs={"mode": "max-autotune-no-cudagraphs"})
-    assert config.compile_unet and config.train_timesteps_per_forward == 1
+    assert config.compile_unet and config.train_timesteps_per_forward == 2  # the default
     with pytest.raises(ValueError, match="compile_unet_kwargs has unknown torch.compile arguments \\['speed'\\]"):
         small_config(compile_unet=True, compile_unet_kwargs={"speed": "max"})
     with pytest.raises(ValueError, match="train_timesteps_per_forward must be >= 1"):

@@ -225,3 +225,30 @@ def test_stacked_steps_keep_the_members_of_a_pair_adjacent_at_each_step():
     stacked = batching.stack_steps(sample, slice(1, 3), group_size=2)
     assert stacked["log_probs"].tolist() == [1.0, 11.0, 2.0, 12.0, 21.0, 31.0, 22.0, 32.0]
     assert stacked["row_weight"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def _samples(total: int, steps: int) -> dict:
+    """`total` rows of `steps` transitions: timesteps name the step, log_probs are unique per transition."""
+    return {
+        "timesteps": (torch.arange(steps) * 10).repeat(total, 1),
+        "log_probs": torch.arange(total * steps, dtype=torch.float32).reshape(total, steps),
+        "advantages": torch.arange(total, dtype=torch.float32),
+    }
+
+
+def test_a_small_micro_batch_stacks_more_steps_up_to_a_full_calls_rows():
+    samples = _samples(2, 6)  # 2 kept samples, 6 interval steps
+    calls = list(batching.micro_batches(samples, batch_size=4, accumulation_steps=1, steps_per_forward=1))
+    # 2 samples fill a call of 4 rows by stacking 2 steps: 3 calls instead of 6
+    assert [batch["timesteps"].shape[0] for batch, _, _ in calls] == [4, 4, 4]
+    assert sum(scale for _, scale, _ in calls) == pytest.approx(1.0) and calls[-1][2]
+    seen = sorted(float(x) for batch, _, _ in calls for x in batch["log_probs"])
+    assert seen == sorted(float(x) for x in samples["log_probs"].reshape(-1))  # every transition once
+    # 5 samples in micro-batches of 4: the full one keeps 2 steps per call, the single sample stacks 8 (all 6)
+    calls = list(batching.micro_batches(_samples(5, 6), batch_size=4, accumulation_steps=2, steps_per_forward=2))
+    assert [batch["timesteps"].shape[0] for batch, _, _ in calls] == [8, 8, 8, 6]
+    assert sum(scale for _, scale, _ in calls) == pytest.approx(1.0)
+    # a pair loss: one pair in micro-batches of 4 rows stacks 2 steps, the pair adjacent at each step
+    pairs = batching.micro_batches(_samples(2, 4), batch_size=4, accumulation_steps=1, group_size=2)
+    for batch, _, _ in pairs:
+        assert batch["timesteps"].shape[0] == 4 and torch.equal(batch["timesteps"][0::2], batch["timesteps"][1::2])
