@@ -117,3 +117,23 @@ def test_sdxl_shape_measures_b2_and_plain_and_refuses_trls_sd_only_ddpo(cost, ca
     assert "TRL's DDPO pipeline loads SD1.x only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cost.parse_args(["--sdxl-random", "--sd15-random", "--methods", "b2"])
+
+
+def test_the_grid_measures_every_cell_against_ddpo_and_weights_the_schedule(tmp_path):
+    spec = importlib.util.spec_from_file_location("cost_grid", os.path.join(ROOT, "benchmarks", "cost_grid.py"))
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    # the reference schedule over T = 4 from L = 3: half of its 100 stages at each length
+    assert grid.schedule_weights([3, 4], 4, 3) == {3: 50, 4: 50}
+    assert grid.schedule_weights([3], 4, 3) is None  # a length of the schedule was not measured
+    out = tmp_path / "grid.json"
+    result = grid.main(["--branches", "2", "--intervals", "3", "4", "--num-steps", "4", "--images", "4",
+                        "--ddpo-sample-batch-size", "2", "--train-batch-size", "1", "--out", str(out)])
+    cells = result["cells"]
+    assert [(c["branches"], c["interval"]) for c in cells] == [(2, 3), (2, 4)]
+    for c in cells:
+        assert c["images"] == 4 and c["cost_per_image_ratio"] > 0
+        assert c["cost_per_image_ratio"] == c["b2_seconds"]["total"] / result["ddpo"][2]["seconds"]["total"]
+    whole = result["whole_schedule"][2]["cost_per_image_ratio"]
+    assert whole == pytest.approx((cells[0]["cost_per_image_ratio"] + cells[1]["cost_per_image_ratio"]) / 2)
+    assert json.loads(out.read_text())["schedule_weights"] == {"3": 50, "4": 50}
