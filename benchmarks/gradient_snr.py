@@ -18,9 +18,10 @@ Setups, all at the same number of images per stage (`--prompts_per_stage` P, `--
   the per-prompt comparison of the groups without their branching.
 
 Every setup z-scores a stage's rewards per prompt against that stage alone (`history_stages=0`), so stages
-are independent; `independent` prompts drawn only once in a stage get z = 0 and add nothing (the JSON's
-`trained` counts the samples with a nonzero advantage). Stage i of every setup uses seed `--seed` + i for its
-prompts and noise, so the setups see the same prompt sequence and `b2` and `b2_all` the very same samples.
+are independent. A sample with z = 0 (an `independent` prompt drawn only once in its stage, a group whose
+rewards all tie) is kept but adds nothing; the JSON's `trained` counts the samples with a nonzero advantage.
+Stage i of every setup uses seed `--seed` + i for its prompts and noise, so the setups see the same prompt
+sequence, and `b2` and `b2_all` the very same samples. Every setup starts from the same LoRA initialisation.
 
 Positions: an interval of `--interval_length` L of the T steps at the start ([0, L)), in the middle
 ([(T - L) // 2, (T - L) // 2 + L)) or at the end ([T - L, T), where B²'s schedule starts). Branches fork at
@@ -28,9 +29,11 @@ the interval's first step; the steps after it finish each branch unrecorded.
 
 Statistics: n stages give n (n - 1) / 2 pairwise cosines, which are not independent (each stage is in n - 1
 of them). The standard error of their mean is the delete-one-stage jackknife's:
-SE = sqrt((n - 1) / n * sum_i (m_-i - m)^2), m_-i the mean cosine of the pairs without stage i.
+SE = sqrt((n - 1) / n * sum_i (m_-i - m)^2), m_-i the mean cosine of the pairs without stage i. The report's
+last line names the cells whose SE is above `--target_se`, with about how many stages would bring it there
+(rerun just those with `--positions`/`--setups`: stage i is the same draw in every run).
 
-    python benchmarks/gradient_snr.py --stages 8 --out outputs/gradient_snr.json
+    python benchmarks/gradient_snr.py --stages 32 --out outputs/gradient_snr.json
     python benchmarks/gradient_snr.py --model sd3 --positions early late --setups b2 independent
 """
 
@@ -39,11 +42,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -87,7 +91,7 @@ def repeated(prompt_fn, times: int):
 
 
 class Stage(NamedTuple):
-    gradient: "object"  # torch.Tensor: the flattened gradient of the trainable parameters
+    gradient: Any  # torch.Tensor: the flattened gradient of the trainable parameters
     kept: int  # samples the selection kept
     trained: int  # kept samples with a nonzero advantage (the ones that contribute)
     reward_mean: float
@@ -112,7 +116,8 @@ def stage_gradient(trainer, branch_point: int, seed: int, interval_end: int | No
     trainer.score(batches, stage=seed)
     z, rewards = trainer.z_scores(batches)
     keep, advantages = trainer.select_samples(z)
-    rows = torch.as_tensor(np.flatnonzero(keep.reshape(-1)))
+    # kept samples with a zero advantage (a prompt drawn once, a group whose rewards all tie) add nothing: not run
+    rows = torch.as_tensor(np.flatnonzero((keep & (advantages != 0)).reshape(-1)))
     weights = torch.as_tensor(advantages.reshape(-1)[rows.numpy()]).float()
     conditioning = Conditioning.from_rows(samples).index(rows)
     trainer.optimizer.zero_grad()
@@ -130,8 +135,7 @@ def stage_gradient(trainer, branch_point: int, seed: int, interval_end: int | No
     schedule = trainer.sampler.timesteps(trainer.sd_pipeline.scheduler, trainer.config.sample_num_steps,
                                          trainer.accelerator.device)
     recorded = [int((schedule.float() - float(t)).abs().argmin()) for t in samples["timesteps"][0]]
-    return Stage(grad, int(keep.sum()), int((keep & (advantages != 0)).sum()), float(np.nanmean(rewards)),
-                 (recorded[0], recorded[-1] + 1))
+    return Stage(grad, int(keep.sum()), len(rows), float(np.nanmean(rewards)), (recorded[0], recorded[-1] + 1))
 
 
 def make_trainer(prompts_per_stage: int, num_branches: int, rule: str, model: str = "sd", num_steps: int = 20,
@@ -184,6 +188,16 @@ def jackknife(cosines, n: int) -> tuple[float, float]:
     return float(cosines.mean()), float(se)
 
 
+def noise_to_signal(images: float, cosine: float) -> float | None:
+    """The noise-to-signal ratio of one image's gradient, when gradients summing `images` images agree with
+    mean cosine `cosine`: images (1 - c) / c (`None`, unbounded, when c <= 0)."""
+    return float(images * (1 - cosine) / cosine) if cosine > 0 else None
+
+
+def ratio_text(ratio) -> str:
+    return "∞ (cosine <= 0)" if ratio is None else f"{ratio:.0f}"
+
+
 def measure_cell(trainer, setup: dict, start: int, end: int, seeds) -> dict:
     """The stages of one (setup, position) cell, their pairwise cosines, mean and jackknife SE."""
     import torch
@@ -198,7 +212,8 @@ def measure_cell(trainer, setup: dict, start: int, end: int, seeds) -> dict:
         steps=[start, end], recorded_steps=[list(s.steps) for s in stages], seeds=list(seeds),
         kept=[s.kept for s in stages], trained=[s.trained for s in stages],
         reward_mean=[s.reward_mean for s in stages], cosines=cosines, mean_cosine=mean, se=se,
-        kept_mean=kept, noise_to_signal_per_image=kept * (1 - mean) / mean if mean > 0 else float("inf"),
+        kept_mean=kept, noise_to_signal_per_image=noise_to_signal(kept, mean),
+        noise_to_signal_per_trained_image=noise_to_signal(np.mean([s.trained for s in stages]), mean),
         seconds=time.time() - t0,
     )
 
@@ -247,12 +262,17 @@ def main(argv=None):
             cell = dict(position=position, setup=name, prompts_per_stage=shape["prompts"],
                         num_branches=shape["branches"], selection_rule=shape["rule"],
                         prompt_repeats=shape["repeat"], images_per_stage=shape["prompts"] * shape["branches"], **cell)
+            # the variance of a mean of pairwise statistics falls at least as fast as 1 / stages (Hoeffding), so
+            # this many stages would bring the SE to the target: an upper estimate, as rough as the SE itself
+            cell["stages_for_target_se"] = math.ceil(args.stages * (cell["se"] / args.target_se) ** 2)
             cells.append(cell)
             print(f"| {position} | [{start}, {end}) | {name} | {cell['images_per_stage']} | {cell['kept_mean']:.1f} | "
-                  f"{cell['mean_cosine']:+.3f} ± {cell['se']:.3f} | {cell['noise_to_signal_per_image']:.0f} |",
+                  f"{cell['mean_cosine']:+.3f} ± {cell['se']:.3f} | {ratio_text(cell['noise_to_signal_per_image'])} |",
                   flush=True)
-    over = [f"{c['position']}/{c['setup']} ({c['se']:.3f})" for c in cells if c["se"] > args.target_se]
-    print(f"SE <= {args.target_se} in every cell: " + ("yes" if not over else "no; above it: " + ", ".join(over)))
+    over = [f"{c['position']}/{c['setup']} (SE {c['se']:.3f}; ~{c['stages_for_target_se']} stages)"
+            for c in cells if c["se"] > args.target_se]
+    print(f"{args.stages} stages per cell. SE <= {args.target_se} in every cell: "
+          + ("yes" if not over else "no; above it: " + ", ".join(over)))
     result = dict(args=vars(args), machine=common.machine_description(shared_cpu=True), stages=args.stages,
                   cosine_pairs="itertools.combinations(range(stages), 2)", cells=cells)
     if args.out:

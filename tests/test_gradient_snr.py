@@ -99,6 +99,8 @@ def test_report_compares_every_cell_at_equal_images(snr, tmp_path, capsys):
         assert len(cell["kept"]) == 3 and len(cell["cosines"]) == 3 and cell["seeds"] == [0, 1, 2]
         assert all(-1.0 <= c <= 1.0 for c in cell["cosines"])
         assert (cell["mean_cosine"], cell["se"]) == pytest.approx(snr.jackknife(cell["cosines"], 3))
+        assert cell["stages_for_target_se"] == math.ceil(3 * (cell["se"] / 0.03) ** 2)
+        assert all(0 <= t <= k for t, k in zip(cell["trained"], cell["kept"]))
         if setup == "b2_all":  # every branch kept
             assert cell["kept"] == [4, 4, 4]
     # stage for stage, b2 and b2_all draw the very same samples; only the selection differs
@@ -107,4 +109,4 @@ def test_report_compares_every_cell_at_equal_images(snr, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| position | steps | setup | images/stage | kept/stage | mean cosine ± SE |" in printed
     assert "| early | [0, 2) | b2 | 4 |" in printed and "| late | [4, 6) | independent | 4 |" in printed
-    assert "SE <= 0.03 in every cell: " in printed
+    assert "3 stages per cell. SE <= 0.03 in every cell: " in printed
