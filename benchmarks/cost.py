@@ -1,7 +1,8 @@
 """Cost of one B²-DiffuRL stage next to one TRL DDPO epoch, at an equal number of sampled images.
 
 Both methods run on the same model (same weights, same LoRA: rank 4 on the attention projections), the same
-reward, DDIM with eta 1.0 and classifier-free guidance, the same training micro-batch and inner epochs:
+reward, DDIM with eta 1.0 (SD3: the flow SDE sampler) and classifier-free guidance, the same training
+micro-batch and inner epochs:
 
 - B²-DiffuRL: one stage of `b2trl.B2DiffuRLTrainer`, `--prompts` prompts x `--branches` branches per sampling
   batch, interval length `--interval` (branch point T - L); training on the kept samples' interval steps.
@@ -9,12 +10,12 @@ reward, DDIM with eta 1.0 and classifier-free guidance, the same training micro-
   `trl.DefaultDDPOStableDiffusionPipeline`s), `--prompts` prompts per sampling batch and `--branches` times as
   many batches (so the image counts match), training on every image's T steps.
 
-Per method it reports UNet rows (a forward pre-hook counts the batch rows of every UNet call, split into
-sampling and training), VAE decode rows, wall time of sampling, reward, training (B²: its stage's own
-`time/*` statistics; DDPO: its methods timed from outside) and the rest of the step,
-peak memory (CUDA: `torch.cuda.max_memory_allocated`; CPU: peak resident set size, sampled with psutil every
-5 ms while the step runs), images/s and trained transitions/s (image x timestep), and the B²/DDPO ratios. Each
-method runs in a fresh Python process (`--in-process` to keep one), so peak memory is its own.
+Per method it reports denoiser rows (a forward pre-hook counts the batch rows of every call of the UNet, or of SD3's
+transformer, split into sampling and training; the JSON keeps the key `unet_rows`), VAE decode rows, wall time of
+sampling, reward, training (B²: its stage's own `time/*` statistics; DDPO: its methods timed from outside) and the
+rest of the step, peak memory (CUDA: `torch.cuda.max_memory_allocated`; CPU: peak resident set size, sampled with
+psutil every 5 ms while the step runs), images/s and trained transitions/s (image x timestep), and the B²/DDPO
+ratios. Each method runs in a fresh Python process (`--in-process` to keep one), so peak memory is its own.
 
 `--optimisations` adds micro-benchmarks on the B² trainer's UNet, each variant against its baseline in the
 same process: `stacking` several interval steps of a training micro-batch into one UNet forward/backward
@@ -35,6 +36,9 @@ Usage:
         # CPU smoke test of the GPU path
     python benchmarks/cost.py --sdxl-random --methods b2 plain --out cost_sdxl.json
         # GPU: SDXL-base-shaped pipeline with random weights, 1024 px (B² against plain diffusers SDXL sampling)
+    python benchmarks/cost.py --sd3-random --methods b2 plain --out cost_sd3.json
+        # GPU: SD3.5-Medium-shaped pipeline with random weights, 1024 px (B² against plain diffusers SD3 sampling;
+        # --no-t5 builds it without the T5 encoder)
 
 Numbers measured on a shared CPU are noisy: compare ratios measured in one run, not numbers across runs.
 """
@@ -68,16 +72,22 @@ def parse_args(argv):
     model.add_argument("--sdxl-random", action="store_true",
                        help="SDXL-base-shaped pipeline built from configs with random weights (B² and plain only: "
                        "TRL's DDPO pipeline is SD1.x only)")
+    model.add_argument("--sd3-random", action="store_true",
+                       help="SD3.5-Medium-shaped pipeline built from configs with random weights (B² and plain only: "
+                       "TRL's DDPO pipeline is SD1.x only)")
+    model.add_argument("--no-t5", action="store_true",
+                       help="with --sd3-random: build the pipeline without its T5 encoder (zeros in T5's place)")
     model.add_argument("--tiny-width", action="store_true",
-                       help="with --sd15-random/--sdxl-random: narrow channels and small text encoders, for a CPU "
-                       "smoke test")
+                       help="with --sd15-random/--sdxl-random/--sd3-random: narrow channels and small text encoders, "
+                       "for a CPU smoke test")
     model.add_argument("--resolution", type=int, default=None,
-                       help="image side with --sd15-random (default 512) or --sdxl-random (default 1024); a multiple "
-                       "of 8")
+                       help="image side with --sd15-random (default 512), --sdxl-random or --sd3-random (default "
+                       "1024); a multiple of 8 (of 16 with --sd3-random)")
     run = parser.add_argument_group("run")
     run.add_argument("--methods", nargs="*", choices=METHODS, default=["b2", "ddpo"],
-                     help="what to measure; 'plain' is diffusers' StableDiffusionPipeline at --plain-batch-size")
-    run.add_argument("--num-steps", type=int, default=20, help="DDIM steps T")
+                     help="what to measure; 'plain' is the model's own diffusers pipeline (StableDiffusionPipeline, "
+                     "...XLPipeline or StableDiffusion3Pipeline) at --plain-batch-size")
+    run.add_argument("--num-steps", type=int, default=20, help="sampling steps T (DDIM, or SD3's flow steps)")
     run.add_argument("--interval", type=int, default=14, help="B² interval length L (branch point T - L)")
     run.add_argument("--prompts", type=int, default=8, help="prompts per sampling batch (both methods)")
     run.add_argument("--branches", type=int, default=5, help="B² branches per prompt")
@@ -92,7 +102,7 @@ def parse_args(argv):
                      "(default: the config's default)")
     run.add_argument("--guidance-scale", type=float, default=5.0)
     run.add_argument("--reward", choices=["auto", "toy_alignment", "brightness", "random"], default="auto",
-                     help="auto: toy_alignment on the toy model, random (seeded scores) with --sd15-random")
+                     help="auto: toy_alignment on the toy model, random (seeded scores) with a random-weights model")
     run.add_argument("--repeats", type=int, default=1,
                      help="stages/epochs run per method; the last one is reported (earlier ones warm up)")
     run.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -114,16 +124,21 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 1 <= args.interval <= args.num_steps:
         parser.error(f"--interval must be in [1, --num-steps], got {args.interval}")
-    if args.sd15_random and args.sdxl_random:
-        parser.error("give at most one of --sd15-random and --sdxl-random")
-    if args.sdxl_random and "ddpo" in (args.methods or []):
-        parser.error("--sdxl-random measures b2, b2_dpo and plain: TRL's DDPO pipeline loads SD1.x only "
-                     "(pass e.g. --methods b2 plain)")
-    args.random_model = args.sd15_random or args.sdxl_random
+    if args.sd15_random + args.sdxl_random + args.sd3_random > 1:
+        parser.error("give at most one of --sd15-random, --sdxl-random and --sd3-random")
+    for flag, given in (("--sdxl-random", args.sdxl_random), ("--sd3-random", args.sd3_random)):
+        if given and "ddpo" in (args.methods or []):
+            parser.error(f"{flag} measures b2, b2_dpo and plain: TRL's DDPO pipeline loads SD1.x only "
+                         "(pass e.g. --methods b2 plain)")
+    if args.no_t5 and not args.sd3_random:
+        parser.error("--no-t5 goes with --sd3-random")
+    args.random_model = args.sd15_random or args.sdxl_random or args.sd3_random
     if args.resolution is None:
-        args.resolution = 1024 if args.sdxl_random else 512
+        args.resolution = 1024 if args.sdxl_random or args.sd3_random else 512
     if args.random_model and args.resolution % 8:
         parser.error("--resolution must be a multiple of 8")
+    if args.sd3_random and args.resolution % 16:
+        parser.error("--resolution must be a multiple of 16 with --sd3-random (8x VAE, then 2x2 patches)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mixed_precision == "auto":

@@ -1,5 +1,6 @@
 """The cost benchmark's measurements: the two trainers as `cost.py` configures them, and one step of each (or of
-plain diffusers sampling) with its UNet rows, VAE decode rows, phase times and peak memory."""
+plain diffusers sampling) with its denoiser rows (the UNet's, or SD3's transformer's), VAE decode rows, phase times
+and peak memory."""
 
 from __future__ import annotations
 
@@ -25,14 +26,19 @@ PHASE_KEYS = {"sampling": "sampling", "rewards": "reward", "training": "training
 
 def model_pipeline(args):
     """The model both trainers start from (LoRA rank 4 on the attention projections): the toy model, or with
-    `--sd15-random` / `--sdxl-random` an SD1.5- or SDXL-shaped pipeline with random weights."""
+    `--sd15-random` / `--sdxl-random` / `--sd3-random` an SD1.5-, SDXL- or SD3.5-Medium-shaped pipeline with random
+    weights."""
     if args.random_model:
         from b2trl.models import wrap_pipeline
-        from b2trl.testing import build_sd15_pipeline, build_sdxl_pipeline
+        from b2trl.testing import build_sd15_pipeline, build_sd35_medium_pipeline, build_sdxl_pipeline
 
-        build = build_sdxl_pipeline if args.sdxl_random else build_sd15_pipeline
         with torch.device(args.device):  # initialising billions of random weights is seconds faster on a GPU
-            pipeline = build(args.resolution, args.tiny_width, args.seed)
+            if getattr(args, "sd3_random", False):
+                pipeline = build_sd35_medium_pipeline(args.resolution, args.tiny_width, args.seed,
+                                                      with_t5=not args.no_t5)
+            else:
+                build = build_sdxl_pipeline if args.sdxl_random else build_sd15_pipeline
+                pipeline = build(args.resolution, args.tiny_width, args.seed)
         return wrap_pipeline(pipeline, use_lora=True)
     return common.toy_pipeline()
 
@@ -109,18 +115,20 @@ def build_ddpo_trainer(args, logdir):
 
 class CostMeter:
     """
-    Counts UNet and VAE-decoder rows and measures wall time and peak memory, per named phase.
+    Counts denoiser rows (the UNet's, or SD3's transformer's) and VAE-decoder rows and measures wall time and peak
+    memory, per named phase. The denoiser's counts keep the names ``unet_rows``/``unet_calls`` that the reports
+    have always used.
 
     Phases nest (a whole step, and sampling/rewards/training inside it); rows are charged to the innermost.
     """
 
-    def __init__(self, unet, vae, device: str):
+    def __init__(self, denoiser, vae, device: str):
         self.cuda = device == "cuda"
         self.stack: list[str] = []
         self.unet_rows, self.unet_calls, self.vae_rows = Counter(), Counter(), Counter()
         self.seconds, self.peak = Counter(), {}
         self._handles = [
-            unet.register_forward_pre_hook(self._count(self.unet_rows, self.unet_calls), with_kwargs=True),
+            denoiser.register_forward_pre_hook(self._count(self.unet_rows, self.unet_calls), with_kwargs=True),
             vae.decoder.register_forward_pre_hook(self._count(self.vae_rows, Counter()), with_kwargs=True),
         ]
         self._stop = threading.Event()
@@ -134,7 +142,8 @@ class CostMeter:
 
     def _count(self, rows, calls):
         def hook(module, args, kwargs):
-            sample = args[0] if args else kwargs["sample"]
+            # the batch: a UNet's (and the VAE decoder's) `sample`, a transformer's `hidden_states`
+            sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
             phase = self.stack[-1] if self.stack else "outside"
             rows[phase] += int(sample.shape[0])
             calls[phase] += 1
@@ -230,7 +239,7 @@ def measure_method(method: str, args) -> dict:
             sampling_rows = [2 * args.ddpo_sample_batch_size]
         pipeline = trainer.sd_pipeline
         warm_up(pipeline, negative, sampling_rows, 2 * args.train_batch_size, trainer.autocast)
-        meter = CostMeter(pipeline.unet, pipeline.vae, args.device)
+        meter = CostMeter(pipeline.denoiser, pipeline.vae, args.device)
         common.run_in_phases(trainer, meter.phase)
         global_step = 0
         try:
@@ -266,29 +275,40 @@ def measure_method(method: str, args) -> dict:
 
 
 def measure_plain(args) -> dict:
-    """diffusers' own pipeline call (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`, no log-probs), for a
-    same-run anchor."""
+    """The model's own diffusers pipeline call (`StableDiffusionPipeline`, `StableDiffusionXLPipeline` or
+    `StableDiffusion3Pipeline`, no log-probs), for a same-run anchor. It samples as training does: DDIM with eta 1.0
+    for the SD families; SD3's flow steps with T5 padded to the length the SD3 family uses
+    (``tokenizer_3.model_max_length``)."""
+    import inspect
+
+    from b2trl.models import family_for_pipeline
+
     pipeline = model_pipeline(args)
     sd = pipeline.sd_pipeline
+    family = family_for_pipeline(pipeline)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     sd.to(args.device, dtype=dtype)
     sd.set_progress_bar_config(disable=True)
     batch = args.plain_batch_size
     images = args.prompts * args.branches * args.batches
     prompts = [ANIMAL_ACTIVITY_PROMPTS[i % len(ANIMAL_ACTIVITY_PROMPTS)] for i in range(batch)]
-    call = dict(num_inference_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=1.0, output_type="pt")
-    from b2trl.models import family_for_pipeline
-
-    family = family_for_pipeline(pipeline)
+    # DDIM's eta for the SD families, SD3's max_sequence_length (the T5 length) for the flow family
+    sampling = family.pipeline_call_kwargs(sd, eta=1.0)
+    call = dict(num_inference_steps=args.num_steps, guidance_scale=args.guidance_scale, output_type="pt", **sampling)
+    encode = dict(device=args.device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+    accepted = inspect.signature(sd.encode_prompt).parameters
+    # SDXL's and SD3's second and third prompts default to the first; SD3 takes them as required arguments
+    encode.update({name: None for name in ("prompt_2", "prompt_3") if name in accepted})
+    if "max_sequence_length" in accepted and "max_sequence_length" in sampling:
+        encode["max_sequence_length"] = sampling["max_sequence_length"]
     with torch.no_grad():
-        encoded = sd.encode_prompt(prompts, device=args.device, num_images_per_prompt=1,
-                                   do_classifier_free_guidance=True)
-        # SD1.x returns the prompt and negative embeddings; SDXL also their pooled projections
+        encoded = sd.encode_prompt(prompts, **encode)
+        # SD1.x returns the prompt and negative embeddings; SDXL and SD3 also their pooled projections
         names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
         embeds = dict(zip(names, encoded))
         negative = family.encode_negative(sd, "", args.device, family.image_size(sd))
     warm_up(pipeline, negative, [2 * batch], None, contextlib.nullcontext)
-    meter = CostMeter(sd.unet, sd.vae, args.device)
+    meter = CostMeter(getattr(sd, family.denoiser_name), sd.vae, args.device)
     try:
         with meter.phase("step"), meter.phase("sampling"), torch.no_grad():
             for _ in range(-(-images // batch)):
@@ -334,7 +354,8 @@ def derive_rates(result: dict) -> dict:
 
 
 def expected_unet_rows(args) -> dict:
-    """UNet rows the two methods must run, from the settings alone (CFG doubles every row)."""
+    """Denoiser rows the two methods must run, from the settings alone (CFG doubles every row, for the UNet and for
+    SD3's transformer alike)."""
     images = args.prompts * args.branches * args.batches
     prefix = args.num_steps - args.interval
     return {

@@ -1,4 +1,4 @@
-"""The cost benchmark's report: B²/DDPO ratios, the checks of UNet rows against the settings, the comparison with
+"""The cost benchmark's report: B²/DDPO ratios, the checks of denoiser rows against the settings, the comparison with
 reference figures measured on an H100, and the printed tables."""
 
 from __future__ import annotations
@@ -72,11 +72,12 @@ def print_methods(report: dict) -> None:
     names = [m for m in METHODS if m in methods]
     header = {"b2": "B²-DiffuRL stage", "b2_dpo": "B² stage, DPO loss", "ddpo": "TRL DDPO epoch",
               "plain": "plain diffusers"}
+    # rows of the denoiser: the UNet, or SD3's transformer (the JSON keys keep the name unet_rows)
     gib = 1 / 2**30
     rows = [
         ("images sampled", lambda r: r["images"]),
-        ("UNet rows, sampling", lambda r: r["unet_rows"]["sampling"]),
-        ("UNet rows, training", lambda r: r["unet_rows"]["training"]),
+        ("denoiser rows, sampling", lambda r: r["unet_rows"]["sampling"]),
+        ("denoiser rows, training", lambda r: r["unet_rows"]["training"]),
         ("VAE decode rows", lambda r: r["vae_decode_rows"]),
         ("transitions trained", lambda r: r["transitions_trained"]),
         ("seconds, sampling", lambda r: r["seconds"]["sampling"]),
@@ -89,7 +90,7 @@ def print_methods(report: dict) -> None:
         ("peak memory, step (GiB)", lambda r: (r["peak_memory_bytes"]["step"] or 0) * gib),
     ]
     ratio_keys = {
-        "UNet rows, sampling": "unet_rows_sampling", "UNet rows, training": "unet_rows_training",
+        "denoiser rows, sampling": "unet_rows_sampling", "denoiser rows, training": "unet_rows_training",
         "seconds, sampling": "seconds_sampling", "seconds, training": "seconds_training",
         "seconds, total step": "seconds_total", "images/s (sampling)": "images_per_s",
         "transitions/s (training)": "transitions_per_s", "seconds per sampled image": "seconds_total",

@@ -3,7 +3,9 @@
 # 20 DDIM steps, fp16, LoRA r4), one B²-DiffuRL stage (8 prompts x 5 branches, interval 14) against one TRL
 # DDPO epoch and plain diffusers at the same image count, then the speed options (interval-step stacking,
 # SDPA, channels-last), then torch.compile if time is left, then an SDXL-shaped pipeline (1024 px, random
-# weights): one B² stage against plain diffusers SDXL sampling. Results are JSON under $OUT.
+# weights): one B² stage against plain diffusers SDXL sampling, then an SD3.5-Medium-shaped one (1024 px, random
+# weights, T5 included, bf16, fewer images and steps): one B² stage against plain diffusers SD3 sampling. Results
+# are JSON under $OUT.
 #
 # Prepare once, on a machine with network access, in the repository root (the GPU machine has torch,
 # transformers, accelerate and peft, but not diffusers, trl or datasets):
@@ -31,8 +33,13 @@ fi
 
 SIZE=()
 COMPILE='{}'
+# SD3.5 Medium at 1024 px: 8 images (2 prompts x 4 branches), 8 steps, interval 4, so that two builds of its
+# 7.9 B random weights (T5 included) and the measurements fit the step's limit; bf16, the model's own precision
+SD3_SIZE=(--num-steps 8 --interval 4 --prompts 2 --branches 4 --train-batch-size 2 --timesteps-per-forward 1
+  --plain-batch-size 8 --mixed-precision bf16)
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   SIZE=(--tiny-width --resolution 64 --num-steps 4 --interval 2 --prompts 2 --branches 3 --train-batch-size 2)
+  SD3_SIZE=()
   COMPILE='{"backend": "eager"}'
 fi
 
@@ -55,8 +62,9 @@ step() {  # step NAME SECONDS ARGS...: one cost.py run (ARGS name the model), it
   sed -n "/=== $name /,\$p" "$LOG" | grep -v '^measuring' | tail -45
 }
 
-step cost 210 --sd15-random --methods b2 ddpo plain
-step optimisations 110 --sd15-random --methods --optimisations stacking sdpa channels_last --opt-repeats 2
-step compile 150 --sd15-random --methods --optimisations compile --opt-repeats 2 --compile-kwargs "$COMPILE"
-step sdxl 180 --sdxl-random --methods b2 plain
+step cost 180 --sd15-random --methods b2 ddpo plain
+step optimisations 100 --sd15-random --methods --optimisations stacking sdpa channels_last --opt-repeats 2
+step compile 100 --sd15-random --methods --optimisations compile --opt-repeats 2 --compile-kwargs "$COMPILE"
+step sdxl 170 --sdxl-random --methods b2 plain
+step sd3 100 --sd3-random --methods b2 plain "${SD3_SIZE[@]}"
 echo "done; results in $OUT"

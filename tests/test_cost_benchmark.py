@@ -137,3 +137,69 @@ def test_the_grid_measures_every_cell_against_ddpo_and_weights_the_schedule(tmp_
     whole = result["whole_schedule"][2]["cost_per_image_ratio"]
     assert whole == pytest.approx((cells[0]["cost_per_image_ratio"] + cells[1]["cost_per_image_ratio"]) / 2)
     assert json.loads(out.read_text())["schedule_weights"] == {"3": 50, "4": 50}
+
+
+def test_sd3_shape_runs_b2_and_plain_sd3_sampling_with_the_t5_length(cost, capsys, monkeypatch):
+    from diffusers import StableDiffusion3Pipeline
+
+    args = cost.parse_args(["--sd3-random", "--methods", "b2", "plain"])
+    assert args.resolution == 1024 and args.reward == "random" and args.random_model and not args.no_t5
+    with pytest.raises(SystemExit):
+        cost.parse_args(["--sd3-random"])  # the default methods include TRL's DDPO
+    assert "--sd3-random measures b2, b2_dpo and plain" in capsys.readouterr().err
+    for wrong in (["--sd3-random", "--sdxl-random"], ["--sd3-random", "--resolution", "72"], ["--no-t5"]):
+        with pytest.raises(SystemExit):
+            cost.parse_args(wrong + ["--methods", "b2"])
+
+    calls = []
+    call = StableDiffusion3Pipeline.__call__
+
+    def recorded(self, *a, **kwargs):
+        calls.append((self.tokenizer_3.model_max_length, kwargs.get("max_sequence_length"), kwargs))
+        return call(self, *a, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "__call__", recorded)
+    report = cost.main(TINY + ["--sd3-random", "--tiny-width", "--resolution", "64", "--methods", "b2", "plain",
+                               "--plain-batch-size", "4"])
+    b2, plain = report["methods"]["b2"], report["methods"]["plain"]
+    T, L, B, N = 4, 2, 2, 3
+    # the transformer's rows, counted like the UNet's: CFG doubles them, the branches share one call per step
+    assert b2["unet_rows"]["sampling"] == 2 * (B * (T - L) + B * N * L) == 32
+    assert b2["unet_calls"]["sampling"] == T
+    assert b2["unet_rows"]["training"] == 2 * b2["samples_kept"] * L > 0
+    assert b2["vae_decode_rows"] == 6
+    assert all(check["ok"] for check in report["checks"].values()) and len(report["checks"]) == 2
+    # plain diffusers SD3 sampling: two batches of 4, T5 padded to the tokenizer's length as the SD3 family pads it
+    assert plain["images"] == 8 and plain["unet_rows"]["sampling"] == 2 * 8 * T and plain["vae_decode_rows"] == 8
+    assert len(calls) == 2 and all(length == used == 16 and "eta" not in kw for length, used, kw in calls)
+
+
+def test_sd35_medium_shaped_pipeline_has_its_published_sizes():
+    from b2trl.testing import build_sd35_medium_pipeline
+
+    with torch.device("meta"):  # the architecture without allocating 7.9 B parameters
+        pipe = build_sd35_medium_pipeline()
+        without_t5 = build_sd35_medium_pipeline(with_t5=False)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    transformer = pipe.transformer
+    assert count(transformer) == 2_243_171_520
+    # with the 384 x 384-patch position-embedding buffer: the 2.5 B quoted for SD3.5 Medium
+    assert 2.2e9 < count(transformer) < 2.6e9
+    assert 2.4e9 < count(transformer) + sum(b.numel() for b in transformer.buffers()) < 2.5e9
+    assert count(pipe.text_encoder_3) == 4_762_310_656  # T5 v1.1 XXL's encoder, ~4.7 B
+    assert count(pipe.text_encoder) == 123_650_304 and count(pipe.text_encoder_2) == 694_659_840
+    assert count(pipe.vae) == 83_819_683
+    config = transformer.config
+    assert (config.num_layers, config.num_attention_heads, config.attention_head_dim) == (24, 24, 64)
+    assert tuple(config.dual_attention_layers) == tuple(range(13)) and config.qk_norm == "rms_norm"
+    assert config.sample_size == 128 and config.pos_embed_max_size == 384
+    assert config.pooled_projection_dim == pipe.text_encoder.config.projection_dim + 1280 == 2048
+    assert pipe.vae.config.latent_channels == 16 and pipe.vae_scale_factor == 8
+    # the character tokenizers' ids fall inside the encoders' vocabularies
+    assert len(pipe.tokenizer) <= pipe.text_encoder.config.vocab_size
+    assert len(pipe.tokenizer_3) <= pipe.text_encoder_3.config.vocab_size == 32128
+    assert pipe.tokenizer_3.model_max_length == 256 and pipe.scheduler.config.shift == 3.0
+    assert without_t5.text_encoder_3 is None and without_t5.tokenizer_3 is None
