@@ -408,6 +408,20 @@ def render(summaries, base, facts, records, plots, md_path, command) -> str:
             + f" | {_f(fin['relation_attribute']['mean'])} | {_f(fin['diversity']['mean'], 1)} | "
             f"{_f(wall['train_seconds']['mean'], 0)} | {_f(wall['sample_seconds']['mean'], 0)} |"
         )
+    points = sorted({p["images"] for s in summaries.values() for p in s["points"]})
+    lines += [
+        "",
+        "Held-out alignment at every evaluation point (mean ± sample standard deviation over seeds; a run that "
+        "degrades late shows here what it reached on the way):",
+        "",
+        "| method | " + " | ".join(f"{n} images" for n in points) + " |",
+        "|---|" + "---|" * len(points),
+    ]
+    for m, s in summaries.items():
+        at = {p["images"]: p["overall"] for p in s["points"]}
+        cells = [f"{_f(at[n]['mean'])} ± {_f(at[n]['std'])}" if n in at and at[n]["mean"] is not None else "–"
+                 for n in points]
+        lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
     lines.append("")
     for path in plots:
         rel = os.path.relpath(path, md_path.parent)
