@@ -120,3 +120,25 @@ def tiny_clip_config(hidden_size: int, max_length: int, num_hidden_layers: int, 
         pad_token_id=_CHAR_EOS,
         **config,
     )
+
+
+def clip_shaped_config(hidden_size: int, num_hidden_layers: int, num_attention_heads: int, max_length: int,
+                       hidden_act: str, **config):
+    """A `CLIPTextConfig` at a real CLIP's shape (CLIP's 49,408-token vocabulary, an MLP four times as wide) whose
+    special tokens are the character tokenizer's (it uses the vocabulary's first 514 ids); `config` adds fields
+    (e.g. ``projection_dim``)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        max_position_embeddings=max_length,
+        hidden_act=hidden_act,
+        bos_token_id=_CHAR_BOS,
+        eos_token_id=_CHAR_EOS,
+        pad_token_id=_CHAR_EOS,
+        **config,
+    )

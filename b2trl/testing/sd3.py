@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .common import _CHAR_BOS, _CHAR_EOS, char_tokenizer, t5_char_tokenizer, tiny_clip_config, tiny_vae
+from .common import char_tokenizer, clip_shaped_config, t5_char_tokenizer, tiny_clip_config, tiny_vae
 
 
 def build_tiny_sd3_pipeline(
@@ -219,7 +219,7 @@ def build_sd35_medium_pipeline(resolution: int = 1024, tiny_width: bool = False,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     if tiny_width:
@@ -237,19 +237,8 @@ def build_sd35_medium_pipeline(resolution: int = 1024, tiny_width: bool = False,
         vae_shape = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
 
     def clip(i):
-        config = CLIPTextConfig(
-            vocab_size=49408,  # CLIP's vocabulary; the character tokenizer uses its first 514 ids
-            hidden_size=clip_widths[i],
-            intermediate_size=4 * clip_widths[i],
-            num_hidden_layers=clip_layers[i],
-            num_attention_heads=clip_heads[i],
-            max_position_embeddings=clip_length,
-            hidden_act=("quick_gelu", "gelu")[i],
-            projection_dim=clip_widths[i],
-            bos_token_id=_CHAR_BOS,
-            eos_token_id=_CHAR_EOS,
-            pad_token_id=_CHAR_EOS,
-        )
+        config = clip_shaped_config(clip_widths[i], clip_layers[i], clip_heads[i], clip_length,
+                                    ("quick_gelu", "gelu")[i], projection_dim=clip_widths[i])
         return CLIPTextModelWithProjection(config)
 
     width = transformer_shape["num_attention_heads"] * transformer_shape["attention_head_dim"]

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .common import _CHAR_BOS, _CHAR_EOS, char_tokenizer, ddim_scheduler, tiny_clip_config, tiny_vae
+from .common import char_tokenizer, clip_shaped_config, ddim_scheduler, tiny_clip_config, tiny_vae
 
 
 def build_tiny_sdxl_vae(output_dir: Optional[str] = None, *, seed: int = 0, sample_size: int = 16,
@@ -109,7 +109,7 @@ def build_sdxl_pipeline(resolution: int = 1024, tiny_width: bool = False, seed: 
         seed (`int`, *optional*, defaults to `0`): seed of the random weights.
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     if tiny_width:
@@ -124,19 +124,7 @@ def build_sdxl_pipeline(resolution: int = 1024, tiny_width: bool = False, seed: 
         vae_shape = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
 
     def text_config(i, **extra):
-        return CLIPTextConfig(
-            vocab_size=49408,  # CLIP's vocabulary; the character tokenizer uses its first 514 ids
-            hidden_size=widths[i],
-            intermediate_size=4 * widths[i],
-            num_hidden_layers=layers[i],
-            num_attention_heads=heads[i],
-            max_position_embeddings=max_length,
-            hidden_act=("quick_gelu", "gelu")[i],
-            bos_token_id=_CHAR_BOS,
-            eos_token_id=_CHAR_EOS,
-            pad_token_id=_CHAR_EOS,
-            **extra,
-        )
+        return clip_shaped_config(widths[i], layers[i], heads[i], max_length, ("quick_gelu", "gelu")[i], **extra)
 
     unet = UNet2DConditionModel(
         sample_size=resolution // 8,
