@@ -212,7 +212,9 @@ def test_a_launch_accelerate_did_not_see_stops(train_sd, tiny_model_dir, tmp_pat
 
 def test_the_flow_toy_model_gets_the_toy_preset_with_its_own_settings(train_sd):
     _, config, preset = train_sd.parse_args(["--pretrained_model", "toy-sd3"])
-    assert preset == "toy" and config.num_branches == train_sd.PRESETS["toy"]["num_branches"]
+    assert preset == "toy" and config.num_epochs == train_sd.PRESETS["toy"]["num_epochs"]
+    assert (config.sample_batch_size, config.num_branches) == (16, 4)
+    assert config.interval_schedule.anchor == "start" and config.interval_schedule.interval(9, 20) == (0, 16)
     assert config.train_learning_rate == train_sd.TOY_FLOW["train_learning_rate"] != train_sd.PRESETS["toy"][
         "train_learning_rate"]
     assert config.noise_level == train_sd.TOY_FLOW["noise_level"]
@@ -220,3 +222,4 @@ def test_the_flow_toy_model_gets_the_toy_preset_with_its_own_settings(train_sd):
     assert config.train_learning_rate == 1e-4  # flags still override the preset
     _, config, _ = train_sd.parse_args([])
     assert config.train_learning_rate == train_sd.PRESETS["toy"]["train_learning_rate"]  # the SD toy unchanged
+    assert config.interval_schedule.anchor == "end" and config.num_branches == train_sd.PRESETS["toy"]["num_branches"]
