@@ -26,7 +26,14 @@ from .losses.reference import ReferencePolicy
 from .models import Conditioning, family_for_pipeline
 from .pipeline import build_accelerator
 from .rollout import SampleBatch, branch_rollout
-from .scoring import call_reward_function, callable_name, check_rewards, next_prompt, stage_statistics
+from .scoring import (
+    NegativeSkewWatch,
+    call_reward_function,
+    callable_name,
+    check_rewards,
+    next_prompt,
+    stage_statistics,
+)
 from .selection import PromptRewardHistory, select, stage_advantages
 from .timing import PhaseTimer
 from .update import PolicyUpdate
@@ -130,6 +137,7 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
             compile_unet(self.denoiser, **config.compile_unet_kwargs)
         self.executor = futures.ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
         self.history = PromptRewardHistory(config.history_stages)
+        self.skew_watch = NegativeSkewWatch()
         self.first_epoch = 0
         self.global_step = 0
         # called as fn(trainer, stats) after every stage, e.g. to write metrics to disk as training goes
@@ -222,6 +230,9 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
         keep, advantages = self.select_samples(z)
         stats = stage_statistics(self.accelerator, stage, (branch_point, interval_end), batches, all_rewards, keep,
                                  advantages)
+        skew_warning = self.skew_watch.update(stats)
+        if skew_warning:
+            logger.warning(skew_warning)
         with timer("training"):
             global_step = self.train_kept(samples, keep, advantages, stats, global_step)
         stats.update(timer.stats())

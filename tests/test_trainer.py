@@ -205,3 +205,28 @@ def test_a_start_anchored_schedule_trains_only_the_first_steps(tiny_model_dir):
     finally:
         handle.remove()
     assert max_change(before, lora_params(trainer.sd_pipeline)) > 0
+
+
+def test_updates_that_mostly_push_down_are_warned_about_once(tiny_model_dir, caplog):
+    from b2trl.scoring import NegativeSkewWatch
+
+    watch = NegativeSkewWatch(stages=3, ratio=2.0)
+    stage = lambda k, p, n: {"stage": k, "samples_kept_positive": p, "samples_kept_negative": n}  # noqa: E731
+    assert watch.update(stage(0, 1, 5)) is None and watch.update(stage(1, 0, 4)) is None
+    assert watch.update(stage(2, 3, 3)) is None  # a balanced stage starts the count again
+    assert [watch.update(stage(k, 1, 2)) for k in (3, 4)] == [None, None]
+    message = watch.update(stage(5, 0, 3))
+    assert "Stages 3-5" in message and "selection_rule='pairs'" in message and "3 negative vs 0 positive" in message
+    assert watch.update(stage(6, 0, 9)) is None  # once per run
+
+    # a reward where one branch of six fails: its z-score is -2.2, the others' +0.45 stay below the threshold, so
+    # best/worst keeps only failures, every stage
+    def one_failure_per_group(images, prompts, metadata):
+        return torch.tensor([0.0 if i % 6 == 0 else 1.0 for i in range(images.shape[0])]), {}
+
+    trainer = make_trainer(tiny_model_dir, reward=one_failure_per_group, num_branches=6, sample_batch_size=2,
+                           sample_num_batches_per_epoch=1, num_epochs=4)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert trainer.last_stage_stats["samples_kept_positive"] == 0
+    assert sum("mostly negative" in r.getMessage() for r in caplog.records) == 1
