@@ -150,6 +150,11 @@ def _f(x, digits=3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _mean_sd(stats: dict) -> str:
+    """``mean ± sd`` over seeds, or the mean alone (one seed has no spread)."""
+    return f"{_f(stats['mean'])} ± {_f(stats['std'])}" if stats["n"] > 1 else _f(stats["mean"])
+
+
 def _signed(x, digits=3) -> str:
     return "n/a" if x is None else f"{x:+.{digits}f}"
 
@@ -195,11 +200,13 @@ def computed_facts(summaries: dict, base: dict) -> list[str]:
             facts.append(f"At the final budget {', '.join(leaders)} tie for the highest mean held-out alignment, "
                          f"{_f(best['mean'])}.")
         else:
+            spread = (f"Their per-seed ranges [{_f(best['min'])}, {_f(best['max'])}] and [{_f(second['min'])}, "
+                      f"{_f(second['max'])}] {overlap}." if min(best["n"], second["n"]) > 1
+                      else "With one seed for at least one of them there is no spread to compare.")
             facts.append(
-                f"At the final budget the highest mean held-out alignment is {ranked[0]}'s, {_f(best['mean'])} "
-                f"(± {_f(best['std'])}, {_plural(best['n'], 'seed')}), {_f(best['mean'] - second['mean'])} above "
-                f"the next, {ranked[1]} ({_f(second['mean'])} ± {_f(second['std'])}). Their per-seed ranges "
-                f"[{_f(best['min'])}, {_f(best['max'])}] and [{_f(second['min'])}, {_f(second['max'])}] {overlap}."
+                f"At the final budget the highest mean held-out alignment is {ranked[0]}'s, {_mean_sd(best)} "
+                f"({_plural(best['n'], 'seed')}), {_f(best['mean'] - second['mean'])} above the next, {ranked[1]} "
+                f"({_mean_sd(second)}). {spread}"
             )
         order = f"{ranked[0]} ({_f(finals[ranked[0]])})"
         for prev, m in zip(ranked, ranked[1:]):
@@ -387,7 +394,8 @@ def render(summaries, base, facts, records, plots, md_path, command) -> str:
         "",
         "## Results",
         "",
-        "Final held-out alignment: mean ± sample standard deviation over seeds, per-seed range in brackets. "
+        "Final held-out alignment: mean ± sample standard deviation over seeds, per-seed range in brackets (the "
+        "value alone for a method with one seed so far). "
         "Template columns and diversity are means over seeds. Train time covers sampling, rewards and updates "
         "(evaluation excluded); sampling is the part spent generating images.",
         "",
@@ -401,9 +409,9 @@ def render(summaries, base, facts, records, plots, md_path, command) -> str:
     for m, s in summaries.items():
         fin, wall = s["final"], s["wall"]
         o = fin["overall"]
+        spread = f" [{_f(o['min'])}, {_f(o['max'])}]" if o["n"] > 1 else ""
         lines.append(
-            f"| `{m}` | {len(s['seeds'])} | {', '.join(map(str, fin['images']))} | {_f(o['mean'])} ± {_f(o['std'])} "
-            f"[{_f(o['min'])}, {_f(o['max'])}] | "
+            f"| `{m}` | {len(s['seeds'])} | {', '.join(map(str, fin['images']))} | {_mean_sd(o)}{spread} | "
             + " | ".join(_f(fin["per_template"][t]["mean"]) for t in TEMPLATES)
             + f" | {_f(fin['relation_attribute']['mean'])} | {_f(fin['diversity']['mean'], 1)} | "
             f"{_f(wall['train_seconds']['mean'], 0)} | {_f(wall['sample_seconds']['mean'], 0)} |"
@@ -411,16 +419,15 @@ def render(summaries, base, facts, records, plots, md_path, command) -> str:
     points = sorted({p["images"] for s in summaries.values() for p in s["points"]})
     lines += [
         "",
-        "Held-out alignment at every evaluation point (mean ± sample standard deviation over seeds; a run that "
-        "degrades late shows here what it reached on the way):",
+        "Held-out alignment at every evaluation point (mean ± sample standard deviation over seeds, the mean alone "
+        "for one seed; a run that degrades late shows here what it reached on the way):",
         "",
         "| method | " + " | ".join(f"{n} images" for n in points) + " |",
         "|---|" + "---|" * len(points),
     ]
     for m, s in summaries.items():
         at = {p["images"]: p["overall"] for p in s["points"]}
-        cells = [f"{_f(at[n]['mean'])} ± {_f(at[n]['std'])}" if n in at and at[n]["mean"] is not None else "–"
-                 for n in points]
+        cells = [_mean_sd(at[n]) if n in at and at[n]["mean"] is not None else "–" for n in points]
         lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
     lines.append("")
     for path in plots:
