@@ -201,7 +201,7 @@ def test_report_states_computed_facts_and_keeps_the_interpretation(toy_study, tm
                              toy_study.METHODS)
     text = md.read_text()
     facts = text.split("## What the numbers say")[1].split("### Interpretation")[0]
-    assert "highest mean held-out alignment is b2's, 0.920 (± 0.020, 3 seeds), 0.070 above the next, ddpo" in facts
+    assert "highest mean held-out alignment is b2's, 0.920 ± 0.020 (3 seeds), 0.070 above the next, ddpo" in facts
     assert "[0.900, 0.940] and [0.840, 0.860] do not overlap" in facts
     assert "b2: 0.800 → 0.920 (+0.120); 3 of 3 seeds end above the base." in facts
     assert "first reaches ddpo's final mean (0.850) at 64 sampled images (50% of the budget)" in facts
