@@ -202,12 +202,13 @@ def branch_rollout(
     interval, suffix = timesteps[branch_point:interval_end], timesteps[interval_end:]
     finals, trajectories, log_probs = [], [], []
     for rows in _chunks(forked.shape[0], chunk_size):
+        rows_conditioning = branched.index(rows)
         final, trajectory, logp = _denoise(
-            pipeline, family, sampler, forked[rows], branched.index(rows), interval, record=True, **denoise,
+            pipeline, family, sampler, forked[rows], rows_conditioning, interval, record=True, **denoise,
         )
         if len(suffix):
             final, _, _ = _denoise(
-                pipeline, family, suffix_sampler, final, branched.index(rows), suffix, record=False, **denoise,
+                pipeline, family, suffix_sampler, final, rows_conditioning, suffix, record=False, **denoise,
             )
         finals.append(final)
         trajectories.append(trajectory)

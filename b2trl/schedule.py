@@ -63,16 +63,16 @@ class IntervalSchedule:
         },
     )
 
+    ANCHORS = ("end", "start")
+
     anchor: str = field(
         default="end",
         metadata={
             "help": "Where the interval sits: 'end' (the last L_k steps, growing backwards: B²-DiffuRL) or 'start' "
             "(the first L_k steps, growing forwards; the remaining steps finish each branch untrained).",
-            "choices": ["end", "start"],
+            "choices": list(ANCHORS),
         },
     )
-
-    ANCHORS = ("end", "start")
 
     def __post_init__(self):
         if self.anchor not in self.ANCHORS:

@@ -159,8 +159,6 @@ def make_trainer(prompts_per_stage: int, num_branches: int, rule: str, model: st
         history_stages=0,
         # unused (the interval is chosen per stage), but validated against the number of steps
         interval_schedule=IntervalSchedule(initial_length=num_steps),
-        # the flow model's SDE noise scale (examples/train_sd.py's flow preset); DDIM models ignore it
-        noise_level=0.7,
         mixed_precision="no",
         save_freq=0,
         log_with=None,

@@ -97,19 +97,14 @@ def build_trainer(method_settings: dict, seed: int, num_stages: int, workdir: st
     return trainer, stats
 
 
-def denoiser(trainer):
-    """The UNet (SD, TRL's pipeline) or the transformer (SD3) of a trainer's pipeline."""
-    return getattr(trainer.sd_pipeline, "denoiser", None) or trainer.sd_pipeline.unet
-
-
 def lora_state(trainer) -> dict:
-    return {n: p.detach().clone() for n, p in denoiser(trainer).named_parameters() if "lora" in n}
+    return {n: p.detach().clone() for n, p in trainer.sd_pipeline.denoiser.named_parameters() if "lora" in n}
 
 
 def evaluate(trainer, prompts, study, method_settings) -> dict:
     import b2trl.toy as toy
 
-    denoiser(trainer).eval()
+    trainer.sd_pipeline.denoiser.eval()
     result = toy.evaluate_alignment(
         trainer.sd_pipeline,
         prompts=prompts,
