@@ -33,6 +33,9 @@ SE = sqrt((n - 1) / n * sum_i (m_-i - m)^2), m_-i the mean cosine of the pairs w
 last line names the cells whose SE is above `--target_se`, with about how many stages would bring it there
 (rerun just those with `--positions`/`--setups`: stage i is the same draw in every run).
 
+With `--out`, the JSON is rewritten after every cell, and a rerun with the same measurement settings (model, T,
+L, P, N, stages, seed) takes the cells already in it instead of measuring them again: a stopped run resumes.
+
     python benchmarks/gradient_snr.py --stages 32 --out outputs/gradient_snr.json
     python benchmarks/gradient_snr.py --model sd3 --positions early late --setups b2 independent
 """
@@ -216,6 +219,35 @@ def measure_cell(trainer, setup: dict, start: int, end: int, seeds) -> dict:
     )
 
 
+# the arguments that decide a cell's numbers: a cell in an earlier --out file is reused only if these match
+DECISIVE_ARGS = ("model", "num_steps", "interval_length", "prompts_per_stage", "num_branches", "stages", "seed")
+
+
+def finished_cells(path: Path, args) -> dict:
+    """The cells of an earlier run at `path` measured with the same decisive arguments, by (position, setup)."""
+    if not path.exists():
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        print(f"{path} is not valid JSON; measuring every cell again")
+        return {}
+    old_args = previous.get("args", {})
+    changed = [k for k in DECISIVE_ARGS if old_args.get(k) != getattr(args, k)]
+    if changed:
+        print(f"{path} was measured with other settings ({', '.join(changed)}); measuring every cell again")
+        return {}
+    return {(c["position"], c["setup"]): c for c in previous.get("cells", [])}
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Replace `path` whole (a run killed mid-write leaves the previous version)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="+", default=list(DEFAULT_SETUPS), choices=list(SETUPS))
@@ -244,11 +276,13 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     seeds = [args.seed + i for i in range(args.stages)]
     shapes = {name: setup_shape(name, args.prompts_per_stage, args.num_branches) for name in args.setups}
-    # one trainer per setup, reused for every position and stage (its weights never change)
-    trainers = {name: make_trainer(s["prompts"], s["branches"], s["rule"], args.model, args.num_steps)
-                for name, s in shapes.items()}
+    trainers = {}  # one per setup, built when first needed, reused for every position and stage (never updated)
     images = args.prompts_per_stage * args.num_branches
-    cells = []
+    out = Path(args.out) if args.out else None
+    done = finished_cells(out, args) if out else {}
+    result = dict(args=vars(args), machine=common.machine_description(shared_cpu=True), stages=args.stages,
+                  cosine_pairs="itertools.combinations(range(stages), 2)", cells=[])
+    cells = result["cells"]
     print(f"{args.stages} independent stages per cell, {images} images per stage, {args.model} toy model, "
           f"intervals of {args.interval_length} of {args.num_steps} steps")
     print("| position | steps | setup | images/stage | kept/stage | mean cosine ± SE | noise/signal per image |")
@@ -256,27 +290,30 @@ def main(argv=None):
     for position in args.positions:
         start, end = interval(position, args.num_steps, args.interval_length)
         for name, shape in shapes.items():
-            cell = measure_cell(trainers[name], shape, start, end, seeds)
-            cell = dict(position=position, setup=name, prompts_per_stage=shape["prompts"],
-                        num_branches=shape["branches"], selection_rule=shape["rule"],
-                        prompt_repeats=shape["repeat"], images_per_stage=shape["prompts"] * shape["branches"], **cell)
+            cell = done.get((position, name))
+            if cell is None:
+                if name not in trainers:
+                    trainers[name] = make_trainer(shape["prompts"], shape["branches"], shape["rule"], args.model,
+                                                  args.num_steps)
+                cell = measure_cell(trainers[name], shape, start, end, seeds)
+                cell = dict(position=position, setup=name, prompts_per_stage=shape["prompts"],
+                            num_branches=shape["branches"], selection_rule=shape["rule"],
+                            prompt_repeats=shape["repeat"], images_per_stage=shape["prompts"] * shape["branches"],
+                            **cell)
             # the variance of a mean of pairwise statistics falls at least as fast as 1 / stages (Hoeffding), so
             # this many stages would bring the SE to the target: an upper estimate, as rough as the SE itself
             cell["stages_for_target_se"] = math.ceil(args.stages * (cell["se"] / args.target_se) ** 2)
             cells.append(cell)
+            if out:
+                write_json(out, result)
+            reused = f" (from {out.name})" if (position, name) in done else ""
             print(f"| {position} | [{start}, {end}) | {name} | {cell['images_per_stage']} | {cell['kept_mean']:.1f} | "
-                  f"{cell['mean_cosine']:+.3f} ± {cell['se']:.3f} | {ratio_text(cell['noise_to_signal_per_image'])} |",
-                  flush=True)
+                  f"{cell['mean_cosine']:+.3f} ± {cell['se']:.3f} | {ratio_text(cell['noise_to_signal_per_image'])} |"
+                  f"{reused}", flush=True)
     over = [f"{c['position']}/{c['setup']} (SE {c['se']:.3f}; ~{c['stages_for_target_se']} stages)"
             for c in cells if c["se"] > args.target_se]
     print(f"{args.stages} stages per cell. SE <= {args.target_se} in every cell: "
           + ("yes" if not over else "no; above it: " + ", ".join(over)))
-    result = dict(args=vars(args), machine=common.machine_description(shared_cpu=True), stages=args.stages,
-                  cosine_pairs="itertools.combinations(range(stages), 2)", cells=cells)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     return result
 
 

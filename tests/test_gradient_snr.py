@@ -81,10 +81,13 @@ def test_a_stage_gradient_depends_only_on_its_seed_and_records_its_interval(snr)
     assert snr.stage_gradient(trainer, branch_point=4, seed=3).steps == (4, 6)
 
 
-def test_report_compares_every_cell_at_equal_images(snr, tmp_path, capsys):
+SMALL = ["--prompts_per_stage", "2", "--num_branches", "2", "--stages", "3", "--num_steps", "6",
+         "--interval_length", "2", "--threads", "1"]
+
+
+def test_report_compares_every_cell_at_equal_images(snr, tmp_path, capsys, monkeypatch):
     out = tmp_path / "snr.json"
-    result = snr.main(["--prompts_per_stage", "2", "--num_branches", "2", "--stages", "3", "--num_steps", "6",
-                       "--interval_length", "2", "--threads", "1", "--out", str(out)])
+    result = snr.main(SMALL + ["--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     cells = {(c["position"], c["setup"]): c for c in result["cells"]}
     assert set(cells) == set(itertools.product(snr.POSITIONS, snr.DEFAULT_SETUPS))
@@ -110,3 +113,28 @@ def test_report_compares_every_cell_at_equal_images(snr, tmp_path, capsys):
     assert "| position | steps | setup | images/stage | kept/stage | mean cosine ± SE |" in printed
     assert "| early | [0, 2) | b2 | 4 |" in printed and "| late | [4, 6) | independent | 4 |" in printed
     assert "3 stages per cell. SE <= 0.03 in every cell: " in printed
+
+    # a stopped run resumes: the cells already in --out are taken as they are, only the missing ones are measured
+    measured = []
+    real = snr.measure_cell
+
+    def counting(trainer, setup, start, end, seeds):
+        measured.append((start, setup["rule"]))
+        return real(trainer, setup, start, end, seeds)
+
+    monkeypatch.setattr(snr, "measure_cell", counting)
+    stopped = json.loads(out.read_text())
+    stopped["cells"] = stopped["cells"][:4]  # as the file stood after the fourth cell
+    out.write_text(json.dumps(stopped))
+    resumed = snr.main(SMALL + ["--out", str(out)])
+    assert len(measured) == len(result["cells"]) - 4
+    assert [c["mean_cosine"] for c in resumed["cells"]] == pytest.approx([c["mean_cosine"] for c in result["cells"]],
+                                                                         abs=1e-6)
+    assert json.loads(out.read_text())["cells"] == json.loads(json.dumps(resumed["cells"]))
+    assert "(from snr.json)" in capsys.readouterr().out
+    # other measurement settings: nothing is reused
+    measured.clear()
+    snr.main(SMALL[:4] + ["--stages", "4"] + SMALL[6:] + ["--out", str(out), "--positions", "early",
+                                                          "--setups", "b2"])
+    assert measured == [(0, "best_worst")]
+    assert "measured with other settings (stages)" in capsys.readouterr().out
