@@ -212,12 +212,17 @@ def test_updates_that_mostly_push_down_are_warned_about_once(tiny_model_dir, cap
 
     watch = NegativeSkewWatch(stages=3, ratio=2.0)
     stage = lambda k, p, n: {"stage": k, "samples_kept_positive": p, "samples_kept_negative": n}  # noqa: E731
-    assert watch.update(stage(0, 1, 5)) is None and watch.update(stage(1, 0, 4)) is None
-    assert watch.update(stage(2, 3, 3)) is None  # a balanced stage starts the count again
-    assert [watch.update(stage(k, 1, 2)) for k in (3, 4)] == [None, None]
-    message = watch.update(stage(5, 0, 3))
-    assert "Stages 3-5" in message and "selection_rule='pairs'" in message and "3 negative vs 0 positive" in message
+    assert watch.update(stage(0, 0, 6)) is None and watch.update(stage(1, 0, 6)) is None  # fewer than 3 stages
+    assert watch.update(stage(2, 9, 1)) is None  # stages 0-2 together: 13 negative vs 9 positive, under 2 to 1
+    assert watch.update(stage(3, 1, 5)) is None  # stages 1-3: 12 vs 10
+    assert watch.update(stage(4, 3, 3)) is None  # stages 2-4: 9 vs 13
+    # stages 3-5: 14 negative vs 4 positive, though stage 4 was balanced
+    message = watch.update(stage(5, 0, 6))
+    assert "Stages 3-5" in message and "selection_rule='pairs'" in message
+    assert "14 negative vs 4 positive" in message and "5 vs 1, 3 vs 3, 6 vs 0" in message
     assert watch.update(stage(6, 0, 9)) is None  # once per run
+    empty = NegativeSkewWatch(stages=3, ratio=2.0)
+    assert [empty.update(stage(k, 0, 0)) for k in range(4)] == [None] * 4  # nothing kept: nothing pushed down
 
     # a reward where one branch of six fails: its z-score is -2.2, the others' +0.45 stay below the threshold, so
     # best/worst keeps only failures, every stage
