@@ -34,7 +34,8 @@ last line names the cells whose SE is above `--target_se`, with about how many s
 (rerun just those with `--positions`/`--setups`: stage i is the same draw in every run).
 
 With `--out`, the JSON is rewritten after every cell, and a rerun with the same measurement settings (model, T,
-L, P, N, stages, seed) takes the cells already in it instead of measuring them again: a stopped run resumes.
+L, P, N, stages, seed) takes the cells already in it instead of measuring them again: a stopped run resumes, and
+a run of other `--positions`/`--setups` adds its cells to the file's.
 
     python benchmarks/gradient_snr.py --stages 32 --out outputs/gradient_snr.json
     python benchmarks/gradient_snr.py --model sd3 --positions early late --setups b2 independent
@@ -235,7 +236,10 @@ def finished_cells(path: Path, args) -> dict:
     old_args = previous.get("args", {})
     changed = [k for k in DECISIVE_ARGS if old_args.get(k) != getattr(args, k)]
     if changed:
-        print(f"{path} was measured with other settings ({', '.join(changed)}); measuring every cell again")
+        stale = path.with_name(f"{path.stem}.stale{path.suffix}")
+        path.replace(stale)
+        print(f"{path} was measured with other settings ({', '.join(changed)}); measuring every cell again "
+              f"(the earlier results are kept as {stale.name})")
         return {}
     return {(c["position"], c["setup"]): c for c in previous.get("cells", [])}
 
@@ -280,6 +284,8 @@ def main(argv=None):
     images = args.prompts_per_stage * args.num_branches
     out = Path(args.out) if args.out else None
     done = finished_cells(out, args) if out else {}
+    grid = set(itertools.product(args.positions, shapes))
+    others = [c for key, c in done.items() if key not in grid]  # cells this run does not cover stay in the file
     result = dict(args=vars(args), machine=common.machine_description(shared_cpu=True), stages=args.stages,
                   cosine_pairs="itertools.combinations(range(stages), 2)", cells=[])
     cells = result["cells"]
@@ -305,7 +311,7 @@ def main(argv=None):
             cell["stages_for_target_se"] = math.ceil(args.stages * (cell["se"] / args.target_se) ** 2)
             cells.append(cell)
             if out:
-                write_json(out, result)
+                write_json(out, dict(result, cells=cells + others))
             reused = f" (from {out.name})" if (position, name) in done else ""
             print(f"| {position} | [{start}, {end}) | {name} | {cell['images_per_stage']} | {cell['kept_mean']:.1f} | "
                   f"{cell['mean_cosine']:+.3f} ± {cell['se']:.3f} | {ratio_text(cell['noise_to_signal_per_image'])} |"
@@ -314,6 +320,10 @@ def main(argv=None):
             for c in cells if c["se"] > args.target_se]
     print(f"{args.stages} stages per cell. SE <= {args.target_se} in every cell: "
           + ("yes" if not over else "no; above it: " + ", ".join(over)))
+    if others:
+        print(f"{len(others)} other cells of {out.name} kept as they were: "
+              + ", ".join(f"{c['position']}/{c['setup']}" for c in others))
+    result["cells"] = cells + others
     return result
 
 

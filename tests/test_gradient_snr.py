@@ -132,9 +132,17 @@ def test_report_compares_every_cell_at_equal_images(snr, tmp_path, capsys, monke
                                                                          abs=1e-6)
     assert json.loads(out.read_text())["cells"] == json.loads(json.dumps(resumed["cells"]))
     assert "(from snr.json)" in capsys.readouterr().out
+    # a run of fewer cells with the same settings measures nothing new and keeps the file's other cells
+    measured.clear()
+    subset = snr.main(SMALL + ["--out", str(out), "--positions", "early", "--setups", "b2"])
+    assert measured == [] and len(subset["cells"]) == len(result["cells"])
+    assert json.loads(out.read_text())["cells"] == json.loads(json.dumps(subset["cells"]))
+    assert "other cells of snr.json kept as they were" in capsys.readouterr().out
     # other measurement settings: nothing is reused
     measured.clear()
     snr.main(SMALL[:4] + ["--stages", "4"] + SMALL[6:] + ["--out", str(out), "--positions", "early",
                                                           "--setups", "b2"])
     assert measured == [(0, "best_worst")]
     assert "measured with other settings (stages)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "snr.stale.json").read_text())["cells"] == json.loads(json.dumps(subset["cells"]))
+    assert len(json.loads(out.read_text())["cells"]) == 1
