@@ -34,7 +34,9 @@ written by `toy_study_report.py`.
 Each finished run is written to `<output_dir>/runs/<method>_seed<k>.json` (its curve also to
 `<method>_seed<k>.partial.json` as it goes). A rerun skips finished runs whose settings are unchanged; a run
 whose settings changed is trained again (the old file is kept as `.json.stale`). An interrupted run starts
-again from its beginning: runs write no checkpoints.
+again from its beginning: runs write no checkpoints. A run being trained holds `<method>_seed<k>.lock`, so several
+processes can share one output directory: on two cores, two processes with `--threads 1` and different `--methods`
+or `--seeds` train twice as fast as one, and a process that reaches a run another one is training skips it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import hashlib
 import json
 import os
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -311,6 +314,43 @@ def fingerprint(method_settings: dict, study: dict, seed: int) -> str:
 # ------------------------------------------------------------------------------------------------ driver
 
 
+def lock_holder(lock: Path) -> str | None:
+    """Who holds a run's lock file: None if no one does, or if the process that wrote it has ended."""
+    try:
+        holder = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, OSError):
+        return f"an unreadable {lock.name}"  # being written this instant, or damaged: delete it if no run is going
+    if holder.get("host") != socket.gethostname():
+        return f"process {holder.get('pid')} on {holder.get('host')} (delete {lock.name} if it no longer runs)"
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return f"process {holder['pid']}"
+
+
+def claim_run(lock: Path) -> str | None:
+    """Take a run's lock; if another live process holds it, say which (and take nothing)."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = lock_holder(lock)
+            if holder is not None:
+                return holder
+            lock.unlink(missing_ok=True)  # its process has ended without removing it
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+        return None
+    return lock_holder(lock) or f"a process that keeps taking {lock.name}"
+
+
+
 def code_version() -> str:
     """The repository's commit, marked if the working tree has changes (`unknown` outside a git checkout)."""
     import subprocess
@@ -393,29 +433,45 @@ def main(argv=None):
         runs = out / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         machine, code = common.machine_description(shared_cpu=True), code_version()
+
+        def train_or_skip(method: str, seed: int, name: str, key: str):
+            """One (method, seed) run, its lock held; None if a finished record with these settings exists."""
+            final, partial = runs / f"{name}.json", runs / f"{name}.partial.json"
+            if final.exists():
+                previous = json.loads(final.read_text())
+                if previous.get("status") == "done" and previous.get("fingerprint") == key:
+                    log(f"skip {name}: finished ({final.relative_to(out)})")
+                    return None
+                log(f"{name}: settings changed since {final.name} was written; training it again "
+                    f"(old result kept as {final.name}.stale)")
+                os.replace(final, runs / f"{name}.json.stale")
+            if partial.exists():
+                log(f"{name}: an earlier attempt stopped part-way; starting it again")
+            log(f"train {name}: {study['budget_images']} images, {images_per_stage(resolved[method])} per stage")
+            meta = {"fingerprint": key, "command": command_line(argv), "machine": machine, "quick": args.quick,
+                    "code": code}
+            paths = {"partial": partial, "work": str(out / "work" / name)}
+            record = run_one(method, seed, resolved[method], study, paths, meta, log)
+            gc.collect()  # the run's pipeline and trainer
+            report.write_json(final, record)
+            partial.unlink(missing_ok=True)
+            return record
+
         for seed in study["seeds"]:  # seeds outermost: a partial study already compares every method
             for method in methods:
                 name = f"{method}_seed{seed}"
-                final, partial = runs / f"{name}.json", runs / f"{name}.partial.json"
                 key = fingerprint(resolved[method], study, seed)
-                if final.exists():
-                    previous = json.loads(final.read_text())
-                    if previous.get("status") == "done" and previous.get("fingerprint") == key:
-                        log(f"skip {name}: finished ({final.relative_to(out)})")
-                        continue
-                    log(f"{name}: settings changed since {final.name} was written; training it again "
-                        f"(old result kept as {final.name}.stale)")
-                    os.replace(final, runs / f"{name}.json.stale")
-                if partial.exists():
-                    log(f"{name}: an earlier attempt stopped part-way; starting it again")
-                log(f"train {name}: {study['budget_images']} images, {images_per_stage(resolved[method])} per stage")
-                meta = {"fingerprint": key, "command": command_line(argv), "machine": machine, "quick": args.quick,
-                        "code": code}
-                paths = {"partial": partial, "work": str(out / "work" / name)}
-                record = run_one(method, seed, resolved[method], study, paths, meta, log)
-                gc.collect()  # the run's pipeline and trainer
-                report.write_json(final, record)
-                partial.unlink(missing_ok=True)
+                lock = runs / f"{name}.lock"
+                holder = claim_run(lock)  # before looking at the run's files: another process may be finishing it
+                if holder is not None:
+                    log(f"skip {name}: {holder} is training it ({lock.relative_to(out)})")
+                    continue
+                try:
+                    record = train_or_skip(method, seed, name, key)
+                finally:
+                    lock.unlink(missing_ok=True)
+                if record is None:
+                    continue
                 log(f"done {name}: held-out alignment {record['final']['overall']:.3f}, "
                     f"train {record['wall']['train_seconds']:.0f} s, total {record['wall']['total_seconds']:.0f} s")
 

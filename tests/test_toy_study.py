@@ -91,6 +91,33 @@ def test_rerun_skips_finished_runs(toy_study, quick_dir, capsys):
         assert f"skip {m}_seed0" in out
     assert "train " not in out
     assert {f: f.stat().st_mtime_ns for f in files} == before
+    assert not list((quick_dir / "runs").glob("*.lock"))  # a skipped run's lock is released
+
+
+def test_a_run_another_process_is_training_is_skipped(toy_study, quick_dir, capsys):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    lock = quick_dir / "runs" / "b2_seed1.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # a live process holds it
+    capsys.readouterr()
+    toy_study.main(["--quick", "--output_dir", str(quick_dir), "--methods", "b2", "--seeds", "1"])
+    out = capsys.readouterr().out
+    assert f"skip b2_seed1: process {os.getpid()} is training it" in out and "train b2_seed1" not in out
+    assert lock.exists() and not (quick_dir / "runs" / "b2_seed1.json").exists()  # the holder's lock stays
+    # a lock whose process has ended is taken over; one from another machine is respected
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    lock.write_text(json.dumps({"pid": ended.pid, "host": socket.gethostname()}))
+    assert toy_study.lock_holder(lock) is None
+    assert toy_study.claim_run(lock) is None and json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    assert "process 1 on elsewhere" in toy_study.claim_run(lock)
+    lock.unlink()
+    assert toy_study.claim_run(lock) is None and toy_study.claim_run(lock) == f"process {os.getpid()}"
+    lock.unlink()
 
 
 def test_a_changed_setting_retrains_only_that_run(toy_study, quick_dir, capsys):
