@@ -22,11 +22,16 @@ All settings are in `SETTINGS` at the top of this script; `--set BLOCK.KEY=VALUE
 
     python benchmarks/toy_study.py                                  # the study: every method x 3 seeds, docs/study.md
     python benchmarks/toy_study.py --model sd3                      # on the flow toy model: docs/study_flow.md
-    python benchmarks/toy_study.py --set b2.train_learning_rate=3e-4 --set b2.num_branches=8
+    python benchmarks/toy_study.py --set b2.train_learning_rate=3e-4 --set b2.num_branches=8 --output_dir outputs/lr
     python benchmarks/toy_study.py --settings_json '{"shared": {"train_num_inner_epochs": 1}}'
     python benchmarks/toy_study.py --show_settings                  # print the resolved settings and exit
     python benchmarks/toy_study.py --report                         # only rebuild docs/study.md and its plots
     python benchmarks/toy_study.py --quick --output_dir outputs/quick  # CI-sized smoke run, report there too
+
+A run with changed settings (`--set`, `--settings_json`, `--budget_images`, `--eval_every_images`) writes its
+report next to its runs, not into docs/, unless `--report_dir` says otherwise: the docs show the study as defined.
+Give such an experiment its own `--output_dir`: in the study's, its runs would replace the study's runs of the same
+method and seed (kept as `.json.stale`).
 
 This file holds the settings and the driver; one (method, seed) run is `toy_study_runs.run_one`, the page is
 written by `toy_study_report.py`.
@@ -382,7 +387,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="CI-sized smoke run; its report goes to --output_dir")
     p.add_argument("--report", action="store_true", help="only aggregate the finished runs into the report")
     p.add_argument("--report_dir", default=None,
-                   help="where study.md and img/ go (default docs/, or --output_dir for quick runs)")
+                   help="where study.md and img/ go (default docs/; --output_dir for quick runs and for runs whose "
+                   "settings differ from the study's: --set, --settings_json, --budget_images, --eval_every_images)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: study.seeds)")
     p.add_argument("--budget_images", type=int, default=None, help="shortcut for --set study.budget_images=N")
@@ -396,6 +402,13 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def default_report_dir(args, out: Path) -> Path:
+    """docs/ for the study as it is defined; the output folder for a quick run or one with changed settings, so
+    that an experiment does not overwrite the documented study's page."""
+    changed = args.sets or args.settings_json or args.budget_images is not None or args.eval_every_images is not None
+    return out if args.quick or changed else REPO / "docs"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -406,7 +419,7 @@ def main(argv=None):
     study = settings["study"]
     default_out = "outputs/toy_study" + ("_flow" if args.model == "sd3" else "") + ("_quick" if args.quick else "")
     out = Path(args.output_dir or default_out)
-    report_dir = Path(args.report_dir) if args.report_dir else (out if args.quick else REPO / "docs")
+    report_dir = Path(args.report_dir) if args.report_dir else default_report_dir(args, out)
     if args.quick and report.inside(report_dir, REPO / "docs"):
         raise SystemExit("error: a --quick run never writes its report into docs/")
 

@@ -173,6 +173,16 @@ def test_overrides_reach_the_methods_built_on_them(toy_study):
     toy_study.check_budget(settings["study"], resolved)
 
 
+def test_only_the_study_as_defined_reports_into_docs(toy_study, tmp_path):
+    out = tmp_path / "runs_here"
+    where = lambda *argv: toy_study.default_report_dir(toy_study.parse_args(list(argv)), out)  # noqa: E731
+    assert where() == REPO / "docs" and where("--seeds", "3", "4", "--methods", "b2") == REPO / "docs"
+    assert where("--quick") == out
+    for changed in (["--set", "b2.num_branches=8"], ["--settings_json", "{}"], ["--budget_images", "640"],
+                    ["--eval_every_images", "320"]):
+        assert where(*changed) == out, changed
+
+
 def test_bad_overrides_fail_before_any_training(toy_study):
     with pytest.raises(SystemExit, match="did you mean b2.num_branches"):
         toy_study.load_settings(False, None, ["b2.num_branch=3"])
