@@ -10,6 +10,7 @@ Every (method, seed) run samples the same number of images and evaluates held-ou
 - `b2_no_branching`: B² with one branch per prompt (no groups), every sample trained with its per-prompt z-score.
 - `b2_start`: B² with the interval anchored at the start (`IntervalSchedule(anchor="start")`): the first steps are
   trained and grow forwards, branches fork at the initial noise, the remaining steps finish each branch untrained.
+- `b2_start_pairs`: `b2_start` with `selection_rule="pairs"`.
 - `b2_n2`: B² with 32 prompts × 2 branches per stage instead of 16 × 4 (the toy preset of `examples/train_sd.py`).
 - `b2_all`: B² without selection (every branch trained with its per-prompt z-score; branching kept).
 - `b2_pairs`: B² with `selection_rule="pairs"` (best and worst branch of a group together, zero-sum advantages).
@@ -66,8 +67,8 @@ import toy_study_report as report  # noqa: E402
 from toy_study_runs import b2_config, images_per_stage, run_one  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("b2", "b2_n2", "b2_pairs", "b2_all", "ddpo", "b2_no_schedule", "b2_no_branching", "b2_start", "b2_dpo",
-           "d3po")
+METHODS = ("b2", "b2_n2", "b2_pairs", "b2_all", "ddpo", "b2_no_schedule", "b2_no_branching", "b2_start",
+           "b2_start_pairs", "b2_dpo", "d3po")
 # the toy models a study can train: b2trl.toy.model_path(kind), and the page its report writes
 MODELS = {"sd": "study.md", "sd3": "study_flow.md"}
 
@@ -140,6 +141,8 @@ SETTINGS = {
     # the interval anchored at the start: the first 14 steps trained (branches fork at the initial noise), growing
     # forwards; the remaining steps finish each branch untrained
     "b2_start": {"base": "b2", "interval_schedule": {"anchor": "start"}},
+    # both: the interval at the start, and a group's best and worst branch together with zero-sum advantages
+    "b2_start_pairs": {"base": "b2", "interval_schedule": {"anchor": "start"}, "selection_rule": "pairs"},
     # B² with the DPO-style loss: each kept group's best and worst branch (z gap >= 1) as a (winner, loser) pair
     "b2_dpo": {"base": "b2", "loss_type": "dpo", "selection_rule": "pairs"},
     # D3PO expressed with this trainer: 32 pairs per stage sharing only the initial noise, the whole trajectory

@@ -28,6 +28,8 @@ DESCRIPTIONS = {
     "b2_no_branching": "B² with one branch per prompt: every sample trained with its per-prompt z-score",
     "b2_start": "B² with the interval anchored at the start (`IntervalSchedule(anchor=\"start\")`): the first steps "
                 "trained, branches fork at the initial noise, the remaining steps finish each branch untrained",
+    "b2_start_pairs": "B² with the interval anchored at the start and `selection_rule=\"pairs\"`: the first steps "
+                      "trained, a group's best and worst branch together with zero-sum advantages",
     "b2_dpo": "B² with the DPO-style loss (`loss_type=\"dpo\"`): each kept group's best and worst branch as a "
               "(winner, loser) pair against the base model",
     "d3po": "the D3PO baseline with this trainer: pairs sharing only the initial noise (branch point 0), the "
