@@ -358,7 +358,6 @@ def claim_run(lock: Path) -> str | None:
     return lock_holder(lock) or f"a process that keeps taking {lock.name}"
 
 
-
 def code_version() -> str:
     """The repository's commit, marked if the working tree has changes (`unknown` outside a git checkout)."""
     import subprocess

@@ -2,6 +2,10 @@
 overrides, and the report's computed facts on synthetic runs."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,11 +99,6 @@ def test_rerun_skips_finished_runs(toy_study, quick_dir, capsys):
 
 
 def test_a_run_another_process_is_training_is_skipped(toy_study, quick_dir, capsys):
-    import os
-    import socket
-    import subprocess
-    import sys
-
     lock = quick_dir / "runs" / "b2_seed1.lock"
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # a live process holds it
     capsys.readouterr()
