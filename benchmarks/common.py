@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: the machine description they record, a fresh accelerate state per run, TRL's
-`DDPOTrainer` built quietly and split into timed phases, the toy model, and seeded prompt and reward functions.
+"""What the benchmark scripts share: the machine description they record, atomic JSON writes, a fresh accelerate
+state per run, TRL's `DDPOTrainer` built quietly and split into timed phases, the toy model, and seeded prompt and
+reward functions.
 
 The scripts import this module as a sibling (``import common``), so it runs from a checkout without installing
 anything beyond b2trl.
@@ -7,10 +8,13 @@ anything beyond b2trl.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
 import random
 import warnings
+from pathlib import Path
 from typing import Callable, ContextManager
 
 # The calls one stage consists of, by phase (named as B²-DiffuRL's stage statistics name them: ``time/<phase>``).
@@ -141,3 +145,24 @@ def random_reward(seed: int):
 
     generator = torch.Generator().manual_seed(seed)
     return lambda images, prompts, metadata: (torch.rand(images.shape[0], generator=generator), {})
+
+
+def _clean(value):
+    """JSON-safe copy: NaN/inf become None (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path, obj) -> None:
+    """Write `obj` as JSON atomically (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=1))
+    os.replace(tmp, path)

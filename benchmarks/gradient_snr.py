@@ -244,14 +244,6 @@ def finished_cells(path: Path, args) -> dict:
     return {(c["position"], c["setup"]): c for c in previous.get("cells", [])}
 
 
-def write_json(path: Path, result: dict) -> None:
-    """Replace `path` whole (a run killed mid-write leaves the previous version)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="+", default=list(DEFAULT_SETUPS), choices=list(SETUPS))
@@ -283,6 +275,8 @@ def main(argv=None):
     trainers = {}  # one per setup, built when first needed, reused for every position and stage (never updated)
     images = args.prompts_per_stage * args.num_branches
     out = Path(args.out) if args.out else None
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
     done = finished_cells(out, args) if out else {}
     grid = set(itertools.product(args.positions, shapes))
     others = [c for key, c in done.items() if key not in grid]  # cells this run does not cover stay in the file
@@ -311,7 +305,7 @@ def main(argv=None):
             cell["stages_for_target_se"] = math.ceil(args.stages * (cell["se"] / args.target_se) ** 2)
             cells.append(cell)
             if out:
-                write_json(out, dict(result, cells=cells + others))
+                common.write_json(out, dict(result, cells=cells + others))
             reused = f" (from {out.name})" if (position, name) in done else ""
             print(f"| {position} | [{start}, {end}) | {name} | {cell['images_per_stage']} | {cell['kept_mean']:.1f} | "
                   f"{cell['mean_cosine']:+.3f} ± {cell['se']:.3f} | {ratio_text(cell['noise_to_signal_per_image'])} |"

@@ -8,12 +8,16 @@ report keeps.
 from __future__ import annotations
 
 import json
-import math
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+# the sibling modules import as top-level ones, whether this file runs as a script or is loaded by path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json  # noqa: E402  (also the study's writer of run records: report.write_json)
 
 TEMPLATES = ("single", "binding", "relation")
 DESCRIPTIONS = {
@@ -43,27 +47,6 @@ MODEL_TITLES = {
 INTERPRETATION_START = "<!-- interpretation: written by hand; the report generator keeps this block as it is -->"
 INTERPRETATION_END = "<!-- end of interpretation -->"
 EMPTY_INTERPRETATION = "_Not written yet._"
-
-
-def _clean(value):
-    """JSON-safe copy: NaN/inf become None (strict JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json(path, obj) -> None:
-    """Write `obj` as JSON atomically (a reader never sees half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=1))
-    os.replace(tmp, path)
 
 
 def inside(path, folder) -> bool:
