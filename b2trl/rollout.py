@@ -146,8 +146,9 @@ def branch_rollout(
         chunk_size (`int`, *optional*): at most this many rows per denoiser/VAE call, to bound memory.
         generator (`torch.Generator`, *optional*): source of the initial noise and of every step's noise.
         latents (`torch.Tensor`, *optional*): ``(B, C, h, w)`` initial noise, drawn if not given.
-        image_size (`tuple[int, int]`, *optional*): ``(height, width)`` in pixels of the drawn noise's images;
-            defaults to the model's own size.
+        image_size (`tuple[int, int]`, *optional*): ``(height, width)`` in pixels of the images (of the drawn
+            noise, and for a flow model the size its resolution-dependent shift is computed for; must match
+            `latents` when both are given); defaults to the model's own size.
         prefix_sampler ([`~b2trl.samplers.Sampler`], *optional*): the step of the shared prefix, which is not
             recorded; defaults to ``sampler.prefix_sampler()`` (the sampler itself, or e.g. a flow model's ODE).
         interval_end (`int`, *optional*): the first step after the interval; defaults to ``T`` (B²'s backward
@@ -172,9 +173,11 @@ def branch_rollout(
     denoiser, scheduler = getattr(pipeline, family.denoiser_name), pipeline.scheduler
     batch = len(conditioning)
     device = next(iter(conditioning.cond.values())).device
-    timesteps = sampler.timesteps(scheduler, num_inference_steps, device)
+    image_size = image_size or family.image_size(pipeline)
+    schedule = family.schedule_kwargs(pipeline, num_inference_steps, image_size)
+    timesteps = sampler.timesteps(scheduler, num_inference_steps, device, **schedule)
     if latents is None:
-        shape = family.latent_shape(pipeline, batch, image_size or family.image_size(pipeline))
+        shape = family.latent_shape(pipeline, batch, image_size)
         noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         latents = (noise * sampler.initial_noise_sigma(scheduler)).to(denoiser.dtype)
     denoise = dict(guidance_scale=guidance_scale, generator=generator)

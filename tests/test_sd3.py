@@ -226,6 +226,38 @@ def test_rollout_at_noise_level_0_reproduces_the_diffusers_pipeline(sd3_dir):
     assert (noisy_prefix.branch_latents - seen[1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_a_resolution_dependent_shift_gives_the_pipeline_schedule_and_image(sd3_dir, resolution):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from b2trl import load_pipeline
+
+    pipeline = load_pipeline(sd3_dir)
+    config = dict(pipeline.scheduler.config, use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)
+    pipeline.sd_pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    with pytest.raises(ValueError, match="needs mu"):
+        FlowSDESampler().timesteps(pipeline.scheduler, 6, "cpu")
+    prompts = ["a red circle", "a blue square"]
+    size = resolution // 2  # latent pixels (the VAE downsamples by 2)
+    latents = torch.randn(2, 16, size, size, generator=torch.Generator().manual_seed(0))
+    out = branch_rollout(pipeline, _guided(pipeline, prompts), sampler=FlowSDESampler(0.0), num_inference_steps=6,
+                         branch_point=3, num_branches=2, guidance_scale=4.0, latents=latents,
+                         image_size=(resolution, resolution))
+    ours = pipeline.scheduler.sigmas.clone()
+
+    reference = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
+    reference.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    with torch.no_grad():
+        images = reference(prompts, num_inference_steps=6, guidance_scale=4.0, latents=latents, output_type="pt",
+                           height=resolution, width=resolution, max_sequence_length=T5_LENGTH).images
+    torch.testing.assert_close(ours, reference.scheduler.sigmas, rtol=0, atol=0)
+    torch.testing.assert_close(out.images, images.repeat_interleave(2, dim=0), rtol=0, atol=0)
+    # the shift depends on the size: 16 px has 16 tokens of the patch-2 transformer, 32 px has 64
+    plain = FlowMatchEulerDiscreteScheduler.from_config(dict(config, use_dynamic_shifting=False))
+    plain.set_timesteps(6)
+    assert not torch.allclose(ours, plain.sigmas)
+
+
 def test_rollout_has_the_b2_shape_with_float_timesteps(sd3_dir):
     trainer = make_trainer(sd3_dir, sample_num_steps=5, sample_num_batches_per_epoch=1)
     assert isinstance(trainer.sampler, FlowSDESampler) and trainer.sampler.noise_level == 0.7

@@ -28,6 +28,20 @@ def token_ids(tokenizer, prompts, device, max_length: Optional[int] = None) -> t
     ).input_ids.to(device)
 
 
+def resolution_shift(scheduler_config, image_seq_len: int, default_max_shift: float = 1.15) -> float:
+    """
+    ``mu``, the resolution-dependent shift of a flow-matching schedule (``use_dynamic_shifting``): linear in the
+    image's token count, from ``base_shift`` at ``base_image_seq_len`` tokens to ``max_shift`` at
+    ``max_image_seq_len`` (the scheduler config's values; FLUX.1's defaults 0.5 at 256 and 1.15 at 4096).
+    """
+    base_len = scheduler_config.get("base_image_seq_len", 256)
+    max_len = scheduler_config.get("max_image_seq_len", 4096)
+    base_shift = scheduler_config.get("base_shift", 0.5)
+    max_shift = scheduler_config.get("max_shift", default_max_shift)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
+
+
 @dataclass
 class Conditioning:
     """
@@ -138,6 +152,15 @@ class ModelFamily:
     def make_sampler(self, config):
         """The sampler this family trains with, built from the config."""
         raise NotImplementedError
+
+    def schedule_kwargs(self, pipe, num_inference_steps: int, image_size: tuple[int, int]) -> dict:
+        """
+        What the family's own pipeline passes to ``scheduler.set_timesteps`` besides the number of steps and the
+        device, for images of `image_size` ``(height, width)`` pixels: e.g. a flow model's explicit ``sigmas`` and
+        its resolution-dependent shift ``mu``. The sampler builds its schedule with them, so sampling and
+        training use exactly the schedule the pipeline would use at that resolution.
+        """
+        return {}
 
     # ------------------------------------------------------------------ conditioning and prediction
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModelFamily, token_ids
+from .base import ModelFamily, resolution_shift, token_ids
 
 # what StableDiffusion3Pipeline pads T5 to when it is not told otherwise
 DIFFUSERS_T5_LENGTH = 256
@@ -61,6 +61,15 @@ class StableDiffusion3Family(ModelFamily):
     def pipeline_call_kwargs(self, pipe, *, eta: float = 1.0) -> dict:
         # the flow pipeline has no eta; it must pad T5 as the model was trained
         return {"max_sequence_length": t5_sequence_length(pipe)}
+
+    def schedule_kwargs(self, pipe, num_inference_steps, image_size):
+        """SD3 and SD3.5 ship a fixed shift; a scheduler configured for a resolution-dependent one gets the ``mu``
+        that `StableDiffusion3Pipeline` computes (its image tokens: latent pixels over the patch size, squared)."""
+        if not pipe.scheduler.config.get("use_dynamic_shifting", False):
+            return {}
+        factor, patch = int(pipe.vae_scale_factor), pipe.transformer.config.patch_size
+        tokens = (image_size[0] // factor // patch) * (image_size[1] // factor // patch)
+        return {"mu": resolution_shift(pipe.scheduler.config, tokens, default_max_shift=1.16)}
 
     def make_sampler(self, config):
         from ..samplers import FlowSDESampler

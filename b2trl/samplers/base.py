@@ -42,9 +42,11 @@ class Sampler:
         """Every problem with this sampler's settings, one message each, naming the field and the fix."""
         return []
 
-    def timesteps(self, scheduler, num_inference_steps: int, device) -> torch.Tensor:
-        """Set `scheduler` up for `num_inference_steps` steps and return its timesteps, first step first."""
-        scheduler.set_timesteps(num_inference_steps, device=device)
+    def timesteps(self, scheduler, num_inference_steps: int, device, **schedule) -> torch.Tensor:
+        """Set `scheduler` up for `num_inference_steps` steps and return its timesteps, first step first.
+        `schedule` holds the model family's extra ``set_timesteps`` arguments
+        ([`~b2trl.models.ModelFamily.schedule_kwargs`]), e.g. a flow model's ``sigmas`` and shift ``mu``."""
+        scheduler.set_timesteps(num_inference_steps, device=device, **schedule)
         return scheduler.timesteps
 
     def prefix_sampler(self) -> "Sampler":

@@ -84,13 +84,17 @@ class FlowSDESampler(Sampler):
 
     # ------------------------------------------------------------------ the schedule
 
-    def timesteps(self, scheduler, num_inference_steps: int, device) -> torch.Tensor:
-        if scheduler.config.get("use_dynamic_shifting", False):
+    def timesteps(self, scheduler, num_inference_steps: int, device, **schedule) -> torch.Tensor:
+        """The schedule of `num_inference_steps` steps. A scheduler with a resolution-dependent shift
+        (``use_dynamic_shifting``, as FLUX.1 and Qwen-Image ship) needs its ``mu`` in `schedule`: the model family
+        computes it from the image size ([`~b2trl.models.ModelFamily.schedule_kwargs`])."""
+        if scheduler.config.get("use_dynamic_shifting", False) and schedule.get("mu") is None:
             raise ValueError(
-                "FlowSDESampler needs a scheduler with a fixed shift (use_dynamic_shifting=False), as SD3 and "
-                "SD3.5 ship; a resolution-dependent shift would need the image size to build the schedule."
+                "this scheduler shifts its schedule by the image's size (use_dynamic_shifting=True), so it needs "
+                "mu: pass the model family's schedule_kwargs(pipe, num_inference_steps, image_size) to "
+                "sampler.timesteps."
             )
-        scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler.set_timesteps(num_inference_steps, device=device, **schedule)
         return scheduler.timesteps
 
     def initial_noise_sigma(self, scheduler) -> float:
