@@ -110,11 +110,14 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         optimizer = self._setup_optimizer(params)
         self.image_size = self.family.image_size(self.sd_pipeline.sd_pipeline, config.resolution)
-        with torch.no_grad():
-            # the unconditional half of guidance, encoded once (one row; expanded per batch)
-            self.negative_conditioning = self.family.encode_negative(
-                self.sd_pipeline.sd_pipeline, config.negative_prompts or "", self.accelerator.device, self.image_size
-            )
+        self.negative_conditioning = None
+        if self.family.uses_guidance(config):
+            with torch.no_grad():
+                # the unconditional half of guidance, encoded once (one row; expanded per batch)
+                self.negative_conditioning = self.family.encode_negative(
+                    self.sd_pipeline.sd_pipeline, config.negative_prompts or "", self.accelerator.device,
+                    self.image_size,
+                )
         self.autocast = self.sd_pipeline.autocast or self.accelerator.autocast
 
         if isinstance(trainable, list):
@@ -305,7 +308,7 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
                 self.sd_pipeline.sd_pipeline, list(prompts), self.accelerator.device, self.image_size
             )
         uncond = None
-        if self.config.train_cfg:
+        if self.negative_conditioning is not None:
             n = len(prompts)
             uncond = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.negative_conditioning.items()}
         return Conditioning(cond, uncond)

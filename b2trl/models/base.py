@@ -153,6 +153,14 @@ class ModelFamily:
         """The sampler this family trains with, built from the config."""
         raise NotImplementedError
 
+    def uses_guidance(self, config) -> bool:
+        """
+        Whether sampling and training run classifier-free guidance (an unconditional half per row, combined with
+        `sample_guidance_scale`). TRL's `train_cfg` by default; a guidance-distilled model (FLUX.1-dev, whose
+        guidance is an input of the transformer) runs one row per sample instead.
+        """
+        return bool(config.train_cfg)
+
     def schedule_kwargs(self, pipe, num_inference_steps: int, image_size: tuple[int, int]) -> dict:
         """
         What the family's own pipeline passes to ``scheduler.set_timesteps`` besides the number of steps and the
