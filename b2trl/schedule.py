@@ -1,4 +1,4 @@
-"""The progressive interval schedule of B²-DiffuRL.
+"""The progressive interval schedule of B²-DiffuRL, and the windows of the methods built on the same rollout.
 
 At stage ``k`` only an interval of ``L_k`` denoising steps of a ``T``-step trajectory is trained. B²'s own
 (backward) schedule anchors it at the end: step indices ``[T - L_k, T)``, so ``b_k = T - L_k`` is the branch point
@@ -6,12 +6,19 @@ where the branches of a group fork and the interval grows from the end of the tr
 the start, the interval is ``[0, L_k)``: the branches fork at the initial noise, and each branch is finished by
 an unrecorded suffix ``[L_k, T)``. ``L_k`` never shrinks, so either interval grows until it covers the whole
 trajectory.
+
+Two more anchors place a window of fixed length anywhere in the trajectory, as the GRPO methods for flow models
+do: ``"sliding"`` (MixGRPO) moves it one step later every few stages and wraps around, ``"random"``
+(Flow-GRPO-Fast) draws its first step anew each stage. The steps before the window are the shared prefix, the
+steps after it the untrained suffix.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+import numpy as np
 
 
 @dataclass
@@ -32,8 +39,18 @@ class IntervalSchedule:
 
     Where the interval sits is `anchor`: ``"end"`` (B²'s backward schedule, the default) trains steps
     ``[T - L_k, T)`` and branches at ``T - L_k``; ``"start"`` trains steps ``[0, L_k)``, branching at the initial
-    noise, and finishes each branch without recording the remaining steps. [`IntervalSchedule.interval`] returns
-    ``(first_step, end_step)`` for either.
+    noise, and finishes each branch without recording the remaining steps. Two anchors move a window of
+    `initial_length` steps (its length never changes) and branch at its first step:
+
+    - ``"sliding"`` (MixGRPO): the window starts at step 0 and moves one step later every `shift_every` stages;
+      after starting at `window_max_start` it wraps around to step 0. Its first step at stage ``k`` is
+      ``(k // shift_every) mod (window_max_start + 1)``.
+    - ``"random"`` (Flow-GRPO-Fast): the first step is drawn uniformly from ``0 … window_max_start`` at every
+      stage, by a generator seeded with ``(window_seed, k)``: the same stage draws the same window in every run and
+      after a resume.
+
+    `window_max_start` defaults to ``T - initial_length`` (the window may reach the last step).
+    [`IntervalSchedule.interval`] returns ``(first_step, end_step)`` for every anchor.
 
     Parameters:
         initial_length (`int`, *optional*, defaults to `14`):
@@ -45,6 +62,16 @@ class IntervalSchedule:
         anchor (`str`, *optional*, defaults to `"end"`):
             ``"end"``: the interval ends at the last step and grows backwards (B²-DiffuRL). ``"start"``: it starts
             at step 0 and grows forwards; the steps after it finish each branch and are not trained.
+            ``"sliding"``: a window of `initial_length` steps moving one step later every `shift_every` stages
+            (MixGRPO). ``"random"``: a window of `initial_length` steps starting at a random step each stage
+            (Flow-GRPO-Fast).
+        shift_every (`int`, *optional*, defaults to `1`):
+            ``"sliding"`` only: stages between two moves of the window.
+        window_max_start (`int` or `None`, *optional*, defaults to `None`):
+            ``"sliding"`` and ``"random"``: the last step a window may start at; `None` means
+            ``T - initial_length``. Flow-GRPO-Fast keeps its window in the first half: ``T // 2 - initial_length``.
+        window_seed (`int`, *optional*, defaults to `0`):
+            ``"random"`` only: seed of the window draws (combined with the stage).
     """
 
     initial_length: int = field(
@@ -63,24 +90,41 @@ class IntervalSchedule:
         },
     )
 
-    ANCHORS = ("end", "start")
+    ANCHORS = ("end", "start", "sliding", "random")
+    WINDOWS = ("sliding", "random")  # the anchors whose interval is a window of fixed length
 
     anchor: str = field(
         default="end",
         metadata={
-            "help": "Where the interval sits: 'end' (the last L_k steps, growing backwards: B²-DiffuRL) or 'start' "
-            "(the first L_k steps, growing forwards; the remaining steps finish each branch untrained).",
+            "help": "Where the interval sits: 'end' (the last L_k steps, growing backwards: B²-DiffuRL), 'start' "
+            "(the first L_k steps, growing forwards; the remaining steps finish each branch untrained), 'sliding' "
+            "(a window of initial_length steps moving one step later every shift_every stages: MixGRPO) or "
+            "'random' (a window of initial_length steps at a random start each stage: Flow-GRPO-Fast).",
             "choices": list(ANCHORS),
         },
+    )
+    shift_every: int = field(
+        default=1, metadata={"help": "anchor='sliding': stages between two moves of the window (MixGRPO: 25)."}
+    )
+    window_max_start: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "anchor='sliding'/'random': the last step a window may start at (default: T - initial_length; "
+            "Flow-GRPO-Fast: T // 2 - initial_length, the first half)."
+        },
+    )
+    window_seed: int = field(
+        default=0, metadata={"help": "anchor='random': seed of the window draws (combined with the stage)."}
     )
 
     def __post_init__(self):
         if self.anchor not in self.ANCHORS:
             raise ValueError(
                 f"IntervalSchedule.anchor must be one of {', '.join(map(repr, self.ANCHORS))}, got {self.anchor!r}: "
-                "'end' trains the last steps (B²-DiffuRL's backward schedule), 'start' the first ones."
+                "'end' trains the last steps (B²-DiffuRL's backward schedule), 'start' the first ones, 'sliding' and "
+                "'random' a window of initial_length steps."
             )
-        for name in ("initial_length", "num_stages"):
+        for name in ("initial_length", "num_stages", "shift_every", "window_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"IntervalSchedule.{name} must be an int, got {value!r}.")
@@ -91,6 +135,15 @@ class IntervalSchedule:
             )
         if self.num_stages < 1:
             raise ValueError(f"IntervalSchedule.num_stages must be >= 1, got {self.num_stages}.")
+        if self.shift_every < 1:
+            raise ValueError(f"IntervalSchedule.shift_every must be >= 1 (stages per move), got {self.shift_every}.")
+        if self.window_max_start is not None:
+            if isinstance(self.window_max_start, bool) or not isinstance(self.window_max_start, int):
+                raise ValueError(f"IntervalSchedule.window_max_start must be an int, got {self.window_max_start!r}.")
+            if self.window_max_start < 0:
+                raise ValueError(
+                    f"IntervalSchedule.window_max_start must be >= 0 (a step index), got {self.window_max_start}."
+                )
         if self.milestones is not None:
             milestones = [int(m) for m in self.milestones]
             if any(m < 0 for m in milestones):
@@ -115,12 +168,26 @@ class IntervalSchedule:
                 f"IntervalSchedule.initial_length ({self.initial_length}) is longer than the trajectory "
                 f"(sample_num_steps={num_steps}); use initial_length <= {num_steps}."
             )
+        if self.anchor in self.WINDOWS and self.window_max_start is not None:
+            latest = num_steps - self.initial_length
+            if self.window_max_start > latest:
+                raise ValueError(
+                    f"IntervalSchedule.window_max_start ({self.window_max_start}) would let a window of "
+                    f"{self.initial_length} steps run past the last of {num_steps} steps; use window_max_start <= "
+                    f"{latest} (or None for exactly that)."
+                )
+
+    def max_start(self, num_steps: int) -> int:
+        """The last step a sliding or random window may start at on a `num_steps`-step trajectory."""
+        return num_steps - self.initial_length if self.window_max_start is None else self.window_max_start
 
     def length(self, stage: int, num_steps: int) -> int:
         """Interval length ``L_k`` at `stage` for a `num_steps`-step trajectory."""
         self.validate(num_steps)
         if stage < 0:
             raise ValueError(f"stage must be >= 0, got {stage}.")
+        if self.anchor in self.WINDOWS:
+            return self.initial_length
         if self.milestones is not None:
             grown = sum(1 for m in self.milestones if m <= stage)
             return min(num_steps, self.initial_length + grown)
@@ -133,6 +200,12 @@ class IntervalSchedule:
         length = self.length(stage, num_steps)
         if self.anchor == "start":
             return 0, length
+        if self.anchor == "sliding":
+            first = (stage // self.shift_every) % (self.max_start(num_steps) + 1)
+            return first, first + length
+        if self.anchor == "random":
+            first = int(np.random.default_rng([self.window_seed, stage]).integers(0, self.max_start(num_steps) + 1))
+            return first, first + length
         return num_steps - length, num_steps
 
     def branch_point(self, stage: int, num_steps: int) -> int:
@@ -146,4 +219,5 @@ class IntervalSchedule:
 
     def to_dict(self) -> dict:
         return {"initial_length": self.initial_length, "num_stages": self.num_stages, "milestones": self.milestones,
-                "anchor": self.anchor}
+                "anchor": self.anchor, "shift_every": self.shift_every, "window_max_start": self.window_max_start,
+                "window_seed": self.window_seed}

@@ -89,3 +89,43 @@ def test_anchor_parses_from_the_command_line_and_rejects_other_values():
     assert schedule.anchor == "start"
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--anchor", "middle"])
+
+
+def test_sliding_window_moves_one_step_every_shift_every_stages_and_wraps_after_the_last_start():
+    schedule = IntervalSchedule(initial_length=4, anchor="sliding", shift_every=3)
+    # T = 10: starts 0 .. 6 (the default last start, T - length), each held 3 stages, then back to 0
+    firsts = [schedule.interval(k, 10)[0] for k in range(24)]
+    assert firsts == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 0, 0, 0]
+    assert all(schedule.interval(k, 10)[1] - schedule.interval(k, 10)[0] == 4 for k in range(24))
+    assert schedule.branch_point(4, 10) == 1 and schedule.length(50, 10) == 4  # the length never grows
+    capped = IntervalSchedule(initial_length=4, anchor="sliding", window_max_start=2)
+    assert [capped.interval(k, 25) for k in range(5)] == [(0, 4), (1, 5), (2, 6), (0, 4), (1, 5)]
+
+
+def test_random_window_draws_its_start_from_the_allowed_range_the_same_way_every_time():
+    schedule = IntervalSchedule(initial_length=2, anchor="random", window_max_start=8, window_seed=3)
+    intervals = [schedule.interval(k, 20) for k in range(400)]
+    firsts = [first for first, _ in intervals]
+    assert all(end - first == 2 for first, end in intervals)
+    assert set(firsts) == set(range(9))  # every start in 0 .. 8, none beyond
+    # counts of each start are near uniform (400 / 9 ≈ 44 each)
+    assert max(firsts.count(s) for s in range(9)) < 70 and min(firsts.count(s) for s in range(9)) > 20
+    # a fresh schedule (a resumed run) draws the same window at every stage, whatever it asked before
+    again = IntervalSchedule(initial_length=2, anchor="random", window_max_start=8, window_seed=3)
+    assert [again.interval(k, 20) for k in reversed(range(400))] == intervals[::-1]
+    other_seed = IntervalSchedule(initial_length=2, anchor="random", window_max_start=8, window_seed=4)
+    assert [other_seed.interval(k, 20)[0] for k in range(50)] != firsts[:50]
+    # the default range lets the window reach the last step
+    full = IntervalSchedule(initial_length=3, anchor="random")
+    assert {full.interval(k, 6)[0] for k in range(200)} == {0, 1, 2, 3}
+
+
+def test_window_settings_are_checked_by_name():
+    with pytest.raises(ValueError, match="IntervalSchedule.shift_every"):
+        IntervalSchedule(anchor="sliding", shift_every=0)
+    with pytest.raises(ValueError, match="IntervalSchedule.window_max_start"):
+        IntervalSchedule(anchor="random", window_max_start=-1)
+    with pytest.raises(ValueError, match="window_max_start .*past the last"):
+        IntervalSchedule(initial_length=4, anchor="sliding", window_max_start=7).interval(0, 10)
+    with pytest.raises(ValueError, match="IntervalSchedule.anchor"):
+        IntervalSchedule(anchor="middle")
