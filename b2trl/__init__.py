@@ -10,6 +10,7 @@ _LAZY = {
     "B2DiffuRLConfig": "b2trl.config",
     "B2DiffuRLTrainer": "b2trl.trainer",
     "IntervalSchedule": "b2trl.schedule",
+    "list_methods": "b2trl.methods",
     "load_pipeline": "b2trl.models",
 }
 

@@ -1,4 +1,5 @@
-"""How a stage's kept transitions become micro-batches: shuffling, accumulation windows, stacked steps.
+"""How a stage's kept transitions become micro-batches: training rows (padded so every process trains as many),
+shuffling, accumulation windows, stacked steps.
 
 A stage's samples are a dict of tensors with one row per kept sample; the keys in `TIME_KEYS` have a second,
 time axis with one entry per interval step. Rows can be bound in groups (`group_size`, e.g. the two members of
@@ -8,7 +9,10 @@ micro-batches never split it.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from .advantages.pairs import kept_pairs as _kept_pairs
 
 # keys of a recorded sample that have a time axis (one entry per interval step)
 TIME_KEYS = ("timesteps", "latents", "next_latents", "log_probs", "ref_log_probs", "ref_predictions")
@@ -109,3 +113,50 @@ def stack_steps(sample: dict[str, torch.Tensor], steps: slice, *, group_size: in
             value = value.reshape(-1, group_size, k, *value.shape[2:]).transpose(1, 2)
         stacked[key] = value.reshape(-1, *value.shape[(3 if group_size > 1 else 2):])
     return stacked
+
+
+def training_rows(keep: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """[`pad_rows`] with the padding as a weight: ``(rows, row_weight)``, weight 1 for kept rows, 0 for padding."""
+    rows, is_padding = pad_rows(keep, target)
+    return rows, (~is_padding).astype(np.float32)
+
+
+def pad_rows(keep: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """
+    Row indices of the kept samples, padded to `target` rows with other (or repeated) rows.
+
+    Padding rows are trained with advantage 0 (zero loss, zero gradient): they only make every process run the
+    same number of backward passes, which DDP's all-reduce requires.
+
+    Returns:
+        `(rows, is_padding)`: int64 indices and a bool mask of the padding rows.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    kept = np.flatnonzero(keep)
+    if target < len(kept):
+        raise ValueError(f"target ({target}) is smaller than the number of kept rows ({len(kept)}).")
+    pool = np.concatenate([np.flatnonzero(~keep), kept]) if len(keep) else kept
+    extra = np.resize(pool, target - len(kept)) if target > len(kept) else np.zeros(0, dtype=np.int64)
+    rows = np.concatenate([kept, extra]).astype(np.int64)
+    return rows, np.arange(target) >= len(kept)
+
+
+def pair_rows(z: np.ndarray, keep: np.ndarray, target_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """
+    Row indices (into the flattened ``(groups, branches)`` samples) of each kept group's (winner, loser) pair by
+    `z`, winners at even positions, padded to `target_pairs` pairs with other rows.
+
+    Padding pairs get weight 0 (no loss, no gradient): they only make every process run the same number of
+    backward passes, which DDP's all-reduce requires.
+
+    Returns:
+        `(rows, row_weight)`: ``2 * target_pairs`` int64 indices and a float mask, 1 for a real pair's rows.
+    """
+    branches = np.shape(z)[1]
+    pairs = [(g * branches + hi, g * branches + lo) for g, hi, lo in _kept_pairs(z, keep)]
+    if target_pairs < len(pairs):
+        raise ValueError(f"target_pairs ({target_pairs}) is smaller than the number of kept pairs ({len(pairs)}).")
+    padding = np.resize(np.arange(np.size(z)), 2 * (target_pairs - len(pairs)))
+    rows = np.concatenate([np.asarray(pairs, dtype=np.int64).reshape(-1), padding.astype(np.int64)])
+    weight = (np.arange(2 * target_pairs) < 2 * len(pairs)).astype(np.float32)
+    return rows, weight

@@ -7,10 +7,11 @@ from typing import Optional
 
 from trl import DDPOConfig
 
-from .losses import LOSS_TYPES
+from .advantages import RULES
+from .advantages.grpo import STD_MODES
+from .losses import LOSS_TYPES, LOSSES
 from .samplers import DDIMSampler
 from .schedule import IntervalSchedule
-from .selection import SELECTION_RULES
 
 # what compile_unet_kwargs may hold: torch.compile's keyword arguments
 COMPILE_ARGUMENTS = ("backend", "dynamic", "fullgraph", "mode", "options", "disable")
@@ -39,12 +40,35 @@ class B2DiffuRLConfig(DDPOConfig):
         selection_threshold_worst (`float`, *optional*, defaults to `-0.5`):
             The worst branch of a group is trained on if its z-score is below this.
         selection_rule (`str`, *optional*, defaults to `"best_worst"`):
-            `"best_worst"` (the method), `"pairs"` (a group's best and worst branches together when their z-scores
-            differ by at least `selection_threshold_best - selection_threshold_worst`, with advantages of +-half the
-            difference, so each group's advantages sum to zero), or `"all"` (train on every branch, DDPO-style; an
-            ablation).
+            The advantage rule (`b2trl.advantages`): `"best_worst"` (the method), `"pairs"` (a group's best and
+            worst branches together when their z-scores differ by at least
+            `selection_threshold_best - selection_threshold_worst`, with advantages of +-half the difference, so each
+            group's advantages sum to zero), `"all"` (train on every branch with its z-score, DDPO-style) or
+            `"grpo"` (group-relative: ``(r - mean of the prompt's samples) / (std + 1e-4)``, no history).
         history_stages (`int`, *optional*, defaults to `8`):
-            Previous stages whose rewards are pooled with the current stage's for the per-prompt z-score.
+            Previous stages whose rewards are pooled with the current stage's for the per-prompt z-score (the
+            `best_worst`, `pairs` and `all` rules).
+        advantage_std (`str`, *optional*, defaults to `"group"`):
+            `selection_rule="grpo"`: the std that divides a sample's distance to its group's mean: the group's own
+            (`"group"`) or that of every reward of the stage (`"global"`, Flow-GRPO's ``global_std``).
+        advantage_per_reward (`bool`, *optional*, defaults to `False`):
+            `selection_rule="grpo"` with a reward made of parts (`CompositeReward`): normalise each part within its
+            group before the weighted sum, then the sum over the stage, so that no part drowns another by its
+            scale. Each part is logged as ``reward/<part>``.
+        independent_noise (`bool`, *optional*, defaults to `False`):
+            Every branch draws its own initial noise and runs its own prefix, so a group is a prompt's independent
+            samples (Flow-GRPO) rather than branches of one shared prefix.
+        ema_decay (`float`, *optional*, defaults to `0.0`):
+            Keep an exponential moving average of the trained weights with this decay (0: off). It is kept in
+            checkpoints, exported with ``save_pretrained(dir, ema=True)`` and used for evaluation when on.
+        ema_update_every (`int`, *optional*, defaults to `1`):
+            Optimizer steps between two updates of the average.
+        ema_on_cpu (`bool`, *optional*, defaults to `False`):
+            Keep the average in CPU memory (one float32 copy of the trained parameters: for full fine-tuning of a
+            large model, more than a GPU can spare).
+        method (`str` or `None`, *optional*, defaults to `None`):
+            The named method preset this configuration was built from ([`B2DiffuRLConfig.for_method`]); recorded
+            for logs and model cards. Set by `for_method`.
         interval_schedule (`IntervalSchedule`, *optional*):
             Which denoising steps are trained at each stage (reference: the last 14 + floor(7k/100) of 20;
             `IntervalSchedule(anchor="start")` trains that many first steps instead).
@@ -105,13 +129,37 @@ class B2DiffuRLConfig(DDPOConfig):
     selection_rule: str = field(
         default="best_worst",
         metadata={
-            "help": "'best_worst' (B²-DiffuRL), 'pairs' (best and worst of a group together, zero-sum advantages: "
-            "for skewed rewards) or 'all' (train on every branch; an ablation).",
-            "choices": list(SELECTION_RULES),
+            "help": "The advantage rule: 'best_worst' (B²-DiffuRL), 'pairs' (best and worst of a group together, "
+            "zero-sum advantages: for skewed rewards), 'all' (every sample with its per-prompt z-score) or 'grpo' "
+            "(group-relative advantages, no history: Flow-GRPO).",
+            "choices": list(RULES),
         },
     )
     history_stages: int = field(
-        default=8, metadata={"help": "Previous stages pooled with the current one for per-prompt z-scores."}
+        default=8,
+        metadata={"help": "Previous stages pooled with the current one for per-prompt z-scores (not for 'grpo')."},
+    )
+    advantage_std: str = field(
+        default="group",
+        metadata={
+            "help": "selection_rule='grpo': divide by the std of the prompt's group ('group') or of every reward "
+            "of the stage ('global', Flow-GRPO's global_std).",
+            "choices": list(STD_MODES),
+        },
+    )
+    advantage_per_reward: bool = field(
+        default=False,
+        metadata={
+            "help": "selection_rule='grpo' with a composite reward: normalise each part within its group before the "
+            "weighted sum, so that no part drowns another by its scale."
+        },
+    )
+    independent_noise: bool = field(
+        default=False,
+        metadata={
+            "help": "Every branch of a group draws its own initial noise (and runs its own prefix): groups of "
+            "independent samples per prompt, as Flow-GRPO samples them."
+        },
     )
     interval_schedule: IntervalSchedule = field(
         default_factory=IntervalSchedule,
@@ -186,6 +234,26 @@ class B2DiffuRLConfig(DDPOConfig):
         metadata={
             "help": "Recompute the denoiser's activations in the backward pass instead of storing them: much less "
             "training memory (SDXL at 1024 px needs it on most GPUs) for about a third more training time."
+        },
+    )
+
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Exponential moving average of the trained weights with this decay (0: off; Flow-GRPO: 0.9 "
+            "every 8 steps). Kept in checkpoints, exported by save_pretrained(ema=True), used for evaluation."
+        },
+    )
+    ema_update_every: int = field(default=1, metadata={"help": "Optimizer steps between two EMA updates."})
+    ema_on_cpu: bool = field(
+        default=False,
+        metadata={"help": "Keep the EMA weights in CPU memory (for full fine-tuning of large models)."},
+    )
+    method: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "The method preset these settings come from (set by B2DiffuRLConfig.for_method / --method); "
+            "b2trl.list_methods() lists them."
         },
     )
 
@@ -267,10 +335,10 @@ class B2DiffuRLConfig(DDPOConfig):
         positive("num_epochs", 0)
         positive("history_stages", 0)
         positive("num_branches", 1)
-        if self.num_branches == 1 and self.selection_rule != "all":
+        if self.num_branches == 1 and self.selection_rule not in ("all",):
             errors.append(
                 f"num_branches=1 works only with selection_rule='all' (got {self.selection_rule!r}): a group of one "
-                "branch has no best and worst to compare. Use num_branches >= 2 for B²-DiffuRL."
+                "branch has nothing to compare it with. Use num_branches >= 2."
             )
         if self.rollout_chunk_size is not None:
             positive("rollout_chunk_size")
@@ -293,23 +361,42 @@ class B2DiffuRLConfig(DDPOConfig):
                 f"selection_threshold_best ({self.selection_threshold_best}) must be >= selection_threshold_worst "
                 f"({self.selection_threshold_worst}); the thresholds look swapped."
             )
-        if self.selection_rule not in SELECTION_RULES:
-            errors.append(f"selection_rule must be one of {SELECTION_RULES}, got {self.selection_rule!r}.")
+        if self.selection_rule not in RULES:
+            errors.append(f"selection_rule must be one of {tuple(RULES)}, got {self.selection_rule!r}.")
+        if self.advantage_std not in STD_MODES:
+            errors.append(f"advantage_std must be one of {STD_MODES}, got {self.advantage_std!r}.")
+        if self.advantage_per_reward and self.selection_rule != "grpo":
+            errors.append(
+                f"advantage_per_reward=True is an option of selection_rule='grpo' (got {self.selection_rule!r}); "
+                "set selection_rule='grpo' or turn it off."
+            )
         if self.loss_type not in LOSS_TYPES:
             errors.append(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        else:
+            needed = LOSSES[self.loss_type].selection
+            if needed is not None and self.effective_selection_rule != needed:
+                errors.append(
+                    f"loss_type={self.loss_type!r} needs selection_rule={needed!r} (got {self.selection_rule!r}): "
+                    f"it trains each group's best and worst branch as a pair. Use selection_rule={needed!r} (the "
+                    "default 'best_worst' is taken as it)."
+                )
+            if needed == "pairs" and self.num_branches < 2:
+                errors.append(
+                    f"loss_type={self.loss_type!r} needs num_branches >= 2 (got {self.num_branches}): a pair is two "
+                    "branches of a group."
+                )
         if not self.dpo_beta > 0:
             errors.append(f"dpo_beta must be > 0, got {self.dpo_beta}.")
         if not self.kl_coef >= 0:
             errors.append(f"kl_coef must be >= 0 (0 turns the KL term off), got {self.kl_coef}.")
-        if self.loss_type == "dpo" and self.num_branches < 2:
-            errors.append(
-                f"loss_type='dpo' needs num_branches >= 2 (got {self.num_branches}): a pair is two branches of a group."
-            )
-        if self.loss_type == "dpo" and self.selection_rule == "all":
-            errors.append(
-                "loss_type='dpo' trains each group's best and worst branch as a pair; selection_rule='all' keeps "
-                "every branch. Use selection_rule='pairs' (or 'best_worst', which DPO treats as 'pairs')."
-            )
+        if not 0 <= self.ema_decay < 1:
+            errors.append(f"ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}.")
+        positive("ema_update_every")
+        if self.method is not None:
+            from .methods import METHODS
+
+            if self.method not in METHODS:
+                errors.append(f"method must be one of {tuple(METHODS)} (or None), got {self.method!r}.")
         if not self.train_clip_range > 0:
             errors.append(f"train_clip_range must be > 0, got {self.train_clip_range}.")
         if not self.train_adv_clip_max > 0:
@@ -320,6 +407,35 @@ class B2DiffuRLConfig(DDPOConfig):
             except ValueError as err:
                 errors.append(str(err))
         return errors
+
+    @property
+    def effective_selection_rule(self) -> str:
+        """The rule that runs: `selection_rule`, except that a loss needing a rule (DPO: ``"pairs"``) takes it in
+        place of the default ``"best_worst"``."""
+        needed = LOSSES[self.loss_type].selection if self.loss_type in LOSSES else None
+        if needed is not None and self.selection_rule == "best_worst":
+            return needed
+        return self.selection_rule
+
+    @classmethod
+    def for_method(cls, name: str, **overrides) -> "B2DiffuRLConfig":
+        """
+        The configuration of a named method ([`b2trl.list_methods`]: `b2`, `b2_pairs`, `b2_grpo`, `ddpo`, `d3po`,
+        `flow_grpo`, `flow_grpo_fast`, `mix_grpo`), with `overrides` on top.
+
+        `overrides` are `B2DiffuRLConfig` fields; `interval_schedule` may be an [`IntervalSchedule`] (replacing the
+        method's) or a dict of its fields (merged onto the method's). A method that trains "every step" follows the
+        final `sample_num_steps`.
+
+        Example:
+
+        ```python
+        config = B2DiffuRLConfig.for_method("flow_grpo", sample_num_steps=10, num_branches=8)
+        ```
+        """
+        from .methods import method_config
+
+        return method_config(cls, name, overrides)
 
     def to_dict(self) -> dict:
         """A flat dict of scalars (what trackers such as TensorBoard's hparams accept)."""

@@ -22,6 +22,7 @@ def save_trained(trainer, save_directory: str, **card_kwargs) -> None:
     """
     Write what `trainer` trained to `save_directory` (call on the main process): LoRA weights in diffusers' layout,
     or the whole pipeline after full fine-tuning, and the model card (`card_kwargs` go to [`build_model_card`]).
+    The weights are whatever the denoiser holds now (the caller swaps the EMA weights in to save those).
     """
     os.makedirs(save_directory, exist_ok=True)
     if trainer.use_lora:
@@ -211,6 +212,7 @@ def build_model_card(
     extra_text: str = "",
     samples: Optional[Sequence[Mapping]] = None,
     evaluation: Optional[Mapping[str, Mapping[str, float]]] = None,
+    ema: bool = False,
 ):
     """
     A `huggingface_hub.ModelCard` describing a B²-DiffuRL run: base model, reward, interval schedule, stages
@@ -275,9 +277,8 @@ def build_model_card(
     call_extra = "".join(f", {k}={v!r}" for k, v in call_kwargs.items() if k != "eta")
     sampler = getattr(trainer, "sampler", None)
     sampling = sampler.describe() if sampler is not None else f"DDIM, eta {config.sample_eta}"
-    loss_type = getattr(config, "loss_type", "ppo")
-    loss = f"PPO clip {config.train_clip_range}" if loss_type == "ppo" else \
-        f"DPO on branch pairs, beta {config.dpo_beta}, ratio clip {config.train_clip_range}"
+    loss_fn = getattr(trainer, "loss_fn", None)
+    loss = loss_fn.describe() if loss_fn is not None else f"PPO clip {config.train_clip_range}"
     if getattr(config, "kl_coef", 0):
         loss += f", KL to the base model x {config.kl_coef}"
     if samples:
@@ -297,8 +298,8 @@ def build_model_card(
 # {repo_id.split("/")[-1] if repo_id else "B²-DiffuRL fine-tune"}
 
 {"A LoRA adapter" if trainer.use_lora else "A fully fine-tuned pipeline"} for `{base or "a " + pipeline_class + " model"}`,
-trained with b2trl's B²-DiffuRL trainer (backward progressive training
-and branch-based sampling, arXiv 2503.11240) against the reward `{reward}`.
+trained with b2trl (reinforcement learning over branch rollouts, the trainer of B²-DiffuRL,
+arXiv 2503.11240) against the reward `{reward}`.
 
 | | |
 | --- | --- |
@@ -306,11 +307,13 @@ and branch-based sampling, arXiv 2503.11240) against the reward `{reward}`.
 | reward | `{reward}` |
 | stages trained | {stages} |
 | final stage mean reward | {final_reward} |
-| interval schedule | initial_length={schedule.initial_length}, num_stages={schedule.num_stages}, milestones={schedule.milestones}, anchor={schedule.anchor} |
+| interval schedule | {_schedule_line(schedule)} |
 | model family | {family.name if family is not None else "sd"} (`{pipeline_class}`) |
 {f"| VAE | `{vae}` |" + chr(10) if vae else ""}| sampling | {config.sample_num_steps} steps, {sampling}, guidance {config.sample_guidance_scale} |
-| branches per prompt | {config.num_branches} (selection thresholds {config.selection_threshold_best} / {config.selection_threshold_worst}) |
-| optimisation | lr {config.train_learning_rate}, {loss}, {config.train_num_inner_epochs} passes over the kept samples per stage |
+| method | {_method_line(config)} |
+| branches per prompt | {config.num_branches}{" (each from its own initial noise)" if getattr(config, "independent_noise", False) else ""} |
+| advantages | {_rule_line(config)} |
+{f"| weights | exponential moving average of the trained weights, decay {config.ema_decay} every {config.ema_update_every} optimizer steps |" + chr(10) if ema else ""}| optimisation | lr {config.train_learning_rate}, {loss}, {config.train_num_inner_epochs} passes over the kept samples per stage |
 {sections}
 ## Usage
 
@@ -328,6 +331,32 @@ image = pipe("{example_prompt}", num_inference_steps={config.sample_num_steps}{c
 ```
 """
     return ModelCard(text)
+
+
+def _schedule_line(schedule) -> str:
+    if schedule.anchor in ("sliding", "random"):
+        window = f"window of {schedule.initial_length} steps, anchor={schedule.anchor}"
+        if schedule.anchor == "sliding":
+            window += f", moving every {schedule.shift_every} stages"
+        return window + (f", starting at most at step {schedule.window_max_start}"
+                         if schedule.window_max_start is not None else "")
+    return (f"initial_length={schedule.initial_length}, num_stages={schedule.num_stages}, "
+            f"milestones={schedule.milestones}, anchor={schedule.anchor}")
+
+
+def _method_line(config) -> str:
+    method = getattr(config, "method", None)
+    return f"`{method}` (b2trl.list_methods())" if method else "custom settings"
+
+
+def _rule_line(config) -> str:
+    rule = getattr(config, "effective_selection_rule", getattr(config, "selection_rule", "best_worst"))
+    if rule == "grpo":
+        return f"`grpo`, {getattr(config, 'advantage_std', 'group')} std"
+    if rule in ("best_worst", "pairs"):
+        return (f"`{rule}`, per-prompt z-scores over {config.history_stages} previous stages, thresholds "
+                f"{config.selection_threshold_best} / {config.selection_threshold_worst}")
+    return f"`{rule}`"
 
 
 def push_folder(

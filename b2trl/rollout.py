@@ -14,6 +14,7 @@ import torch
 
 from .models import Conditioning, family_for_pipeline
 from .samplers import Sampler
+from .stage import SampleBatch
 
 
 @dataclass
@@ -28,8 +29,10 @@ class BranchRollout:
         next_latents: ``(B*N, L, C, h, w)`` latent after each interval step.
         log_probs: ``(B*N, L)`` log-probability of each interval transition under the sampling policy.
         timesteps: ``(B*N, L)`` scheduler timestep of each interval step.
-        branch_latents: ``(B, C, h, w)`` the shared latent at the branch point, one per prompt.
+        branch_latents: ``(B, C, h, w)`` the shared latent at the branch point, one per prompt (``(B*N, ...)``,
+            one per branch, when every branch drew its own initial noise).
         num_branches: ``N``.
+        denoiser_rows: rows the denoiser evaluated (one sample at one step; two with guidance).
 
     ``L`` is the interval's length: ``interval_end - branch_point``.
     """
@@ -41,44 +44,25 @@ class BranchRollout:
     timesteps: torch.Tensor
     branch_latents: torch.Tensor
     num_branches: int
+    denoiser_rows: int = 0
 
     def transitions(self, conditioning: Conditioning) -> dict[str, torch.Tensor]:
-        """The recorded interval as a DDPO-layout sample dict, with each prompt's `conditioning` (one row per
-        prompt) repeated for its branches under ``cond.*``/``uncond.*`` keys."""
+        """The recorded interval as a DDPO-layout sample dict, with each prompt's conditioning (one row per
+        prompt) repeated for its branches under ``cond.*`` keys. The unconditional half of guidance is the same for
+        every row and is not stored here (the trainer holds it once)."""
         return {
-            **conditioning.repeat_interleave(self.num_branches).to_rows(),
+            **Conditioning(conditioning.cond).repeat_interleave(self.num_branches).to_rows(),
             "timesteps": self.timesteps,
             "latents": self.latents,
             "next_latents": self.next_latents,
             "log_probs": self.log_probs,
         }
 
-    def sample_batch(self, prompts, prompt_metadata) -> "SampleBatch":
+    def sample_batch(self, prompts, prompt_metadata) -> SampleBatch:
         """The images with each prompt and its metadata repeated for its branches, for the reward function."""
         n = self.num_branches
         repeated_prompts = tuple(p for p in prompts for _ in range(n))
         return SampleBatch([self.images, repeated_prompts, tuple(m for m in prompt_metadata for _ in range(n))])
-
-
-class SampleBatch(list):
-    """
-    One sampling batch as the reward function and the image hook see it: a list that unpacks like TRL's
-    ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` (the last two once the batch is scored),
-    with those names as attributes.
-    """
-
-    FIELDS = ("images", "prompts", "prompt_metadata", "rewards", "reward_metadata")
-
-    def _field(self, index: int):
-        if len(self) <= index:
-            raise AttributeError(f"this batch has no {self.FIELDS[index]} yet (it has not been scored)")
-        return self[index]
-
-    images = property(lambda self: self._field(0))
-    prompts = property(lambda self: self._field(1))
-    prompt_metadata = property(lambda self: self._field(2))
-    rewards = property(lambda self: self._field(3))
-    reward_metadata = property(lambda self: self._field(4))
 
 
 def _chunks(total: int, size: Optional[int]):
@@ -102,6 +86,11 @@ def _denoise(pipeline, family, sampler, latents, conditioning, timesteps, *, gui
     if not record:
         return latents, None, None
     return latents, torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1)
+
+
+def _rows(latents, conditioning, timesteps) -> int:
+    """Denoiser rows of running `timesteps` on `latents` (guidance doubles them)."""
+    return latents.shape[0] * len(timesteps) * (2 if conditioning.guided else 1)
 
 
 @torch.no_grad()
@@ -128,6 +117,7 @@ def branch_rollout(
     prefix_sampler: Optional[Sampler] = None,
     interval_end: Optional[int] = None,
     suffix_sampler: Optional[Sampler] = None,
+    independent_noise: bool = False,
 ) -> BranchRollout:
     """
     Sample `num_branches` images per prompt that share their first `branch_point` denoising steps, recording the
@@ -155,6 +145,9 @@ def branch_rollout(
             interval). Steps ``[interval_end, T)`` are the suffix: each branch finished, nothing recorded.
         suffix_sampler ([`~b2trl.samplers.Sampler`], *optional*): the step of the suffix; defaults to
             ``sampler.suffix_sampler()`` (the sampler itself, or e.g. a flow model's ODE).
+        independent_noise (`bool`, *optional*, defaults to `False`): every branch draws its own initial noise
+            and runs its own prefix (``B*N`` rows) instead of sharing the prompt's: a group is then the prompt's
+            independent samples (Flow-GRPO's groups). `latents`, if given, has ``B*N`` rows.
 
     Returns:
         [`BranchRollout`]
@@ -171,6 +164,11 @@ def branch_rollout(
         raise ValueError(f"num_branches must be >= 1, got {num_branches}.")
     family = family_for_pipeline(pipeline)
     denoiser, scheduler = getattr(pipeline, family.denoiser_name), pipeline.scheduler
+    if independent_noise:
+        # each branch is its own trajectory from the first step: repeat the prompts, then fork into one copy each
+        conditioning, forks = conditioning.repeat_interleave(num_branches), 1
+    else:
+        forks = num_branches
     batch = len(conditioning)
     device = next(iter(conditioning.cond.values())).device
     image_size = image_size or family.image_size(pipeline)
@@ -187,18 +185,19 @@ def branch_rollout(
         suffix_sampler = sampler.suffix_sampler()
 
     # 1. prefix: once per prompt, nothing recorded (it is not trained)
-    prefix = []
+    prefix, rows_run = [], 0
     for rows in _chunks(batch, chunk_size):
         out, _, _ = _denoise(
             pipeline, family, prefix_sampler, latents[rows], conditioning.index(rows), timesteps[:branch_point],
             record=False, **denoise,
         )
         prefix.append(out)
+        rows_run += _rows(out, conditioning, timesteps[:branch_point])
     branch_latents = torch.cat(prefix)
 
     # 2. fork: bit-identical copies of the branch-point latent, grouped by prompt
-    forked = branch_latents.repeat_interleave(num_branches, dim=0)
-    branched = conditioning.repeat_interleave(num_branches)
+    forked = branch_latents.repeat_interleave(forks, dim=0)
+    branched = conditioning.repeat_interleave(forks)
 
     # 3. the interval: every branch with its own noise, its transitions recorded
     # 4. the suffix (start-anchored intervals only): each branch finished, nothing recorded (it is not trained)
@@ -209,6 +208,7 @@ def branch_rollout(
         final, trajectory, logp = _denoise(
             pipeline, family, sampler, forked[rows], rows_conditioning, interval, record=True, **denoise,
         )
+        rows_run += _rows(final, rows_conditioning, interval) + _rows(final, rows_conditioning, suffix)
         if len(suffix):
             final, _, _ = _denoise(
                 pipeline, family, suffix_sampler, final, rows_conditioning, suffix, record=False, **denoise,
@@ -228,4 +228,5 @@ def branch_rollout(
         timesteps=interval.unsqueeze(0).repeat(forked.shape[0], 1),
         branch_latents=branch_latents,
         num_branches=num_branches,
+        denoiser_rows=rows_run,
     )

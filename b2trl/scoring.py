@@ -77,47 +77,55 @@ def check_rewards(rewards, batches, stage: int, name: str, drop_nonfinite: bool)
     return checked
 
 
-def reward_components(rewards_metadata) -> dict[str, float]:
-    """Means of each part a composite reward reports in ``metadata["components"]``, as ``reward/<part>``."""
-    parts = defaultdict(list)
-    for metadata in rewards_metadata:
-        if isinstance(metadata, dict) and isinstance(metadata.get("components"), dict):
-            for name, values in metadata["components"].items():
-                parts[name].append(torch.as_tensor(values, dtype=torch.float32).reshape(-1).cpu())
-    values = {name: torch.cat(v) for name, v in parts.items()}
-    # a part may have no values this stage (e.g. a relation score when no prompt had a relation)
-    return {f"reward/{name}": float(v.mean()) for name, v in values.items() if v.numel()}
+def reward_parts(rewards_metadata, batch_sizes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """
+    The parts of a reward made of parts (``metadata["components"]``, as `CompositeReward` reports them), over the
+    sampling batches: ``(per_sample, values, weights)``. `per_sample` holds the parts every batch reported with one
+    value per sample, concatenated in sample order (what per-reward advantages need); `values` every part's values
+    whatever their number (a part may score only some samples, e.g. a relation score for the prompts that have a
+    relation), for logging ``reward/<part>``; `weights` the parts' weights (``metadata["weights"]``).
+    """
+    per_sample: dict[str, list] = defaultdict(list)
+    values: dict[str, list] = defaultdict(list)
+    weights: dict[str, float] = {}
+    for metadata, size in zip(rewards_metadata, batch_sizes):
+        components = metadata.get("components") if isinstance(metadata, dict) else None
+        if not isinstance(components, dict):
+            continue
+        for name, part in components.items():
+            part = torch.as_tensor(part, dtype=torch.float64).reshape(-1).cpu().numpy()
+            values[name].append(part)
+            if part.size == size:
+                per_sample[name].append(part)
+        weights.update({k: float(v) for k, v in (metadata.get("weights") or {}).items()})
+    complete = {name: np.concatenate(v) for name, v in per_sample.items() if len(v) == len(batch_sizes)}
+    return complete, {name: np.concatenate(v) for name, v in values.items()}, weights
 
 
-def stage_statistics(accelerator, stage, interval, batches, all_rewards, keep, advantages) -> dict:
-    """A stage's rewards, interval ``(first_step, end_step)``, and selection counts summed over processes (every
-    process calls this)."""
-    branch_point, interval_end = interval
+def stage_statistics(stage) -> dict:
+    """A scored, selected [`~b2trl.stage.Stage`]'s rewards, interval and selection counts, from the gathered
+    arrays (the same on every process, with no further communication)."""
+    first, end = stage.interval
+    rewards, keep, advantages = stage.rewards, stage.keep, stage.advantages
     # how kept samples are pushed up vs down: when the advantages sum far below zero, the update mostly pushes
     # likelihoods down, which degrades a model faster than the positive samples teach it
     kept_adv = advantages[keep]
-    local = [float((kept_adv > 0).sum()), float((kept_adv < 0).sum()), float(kept_adv.sum()),
-             float(keep.any(1).sum()), float(keep.sum())]
-    positive, negative, adv_sum, groups_kept, kept = (
-        accelerator.gather(torch.tensor(local, device=accelerator.device)).reshape(-1, 5).sum(0).tolist()
-    )
     stats = {
-        "stage": stage,
-        "reward_mean": float(np.nanmean(all_rewards)),
-        "reward_std": float(np.nanstd(all_rewards)),
-        "rewards_dropped": int(np.isnan(all_rewards).sum()),
-        "interval_length": interval_end - branch_point,
-        "branch_point": branch_point,
-        "interval_end": interval_end,
-        "groups_kept": int(groups_kept),
-        "groups_total": int(keep.shape[0] * accelerator.num_processes),
-        "samples_kept": int(kept),
-        "samples_total": int(all_rewards.size),
-        "samples_kept_positive": int(positive),
-        "samples_kept_negative": int(negative),
-        "kept_advantage_sum": float(adv_sum),
+        "stage": stage.index,
+        "reward_mean": float(np.nanmean(rewards)) if np.isfinite(rewards).any() else float("nan"),
+        "reward_std": float(np.nanstd(rewards)) if np.isfinite(rewards).any() else float("nan"),
+        "rewards_dropped": int(np.isnan(rewards).sum()),
+        "interval_length": end - first,
+        "branch_point": first,
+        "interval_end": end,
+        "groups_kept": int(stage.groups(keep).any(1).sum()),
+        "groups_total": int(stage.groups(keep).shape[0]),
+        "samples_kept": int(keep.sum()),
+        "samples_total": int(rewards.size),
+        "samples_kept_positive": int((kept_adv > 0).sum()),
+        "samples_kept_negative": int((kept_adv < 0).sum()),
+        "kept_advantage_sum": float(kept_adv.sum()),
     }
-    stats.update(reward_components([batch.reward_metadata for batch in batches]))
     return stats
 
 

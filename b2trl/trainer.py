@@ -1,47 +1,45 @@
 """B²-DiffuRL on top of TRL's `DDPOTrainer`.
 
 One `train()` epoch is one stage, and [`B2DiffuRLTrainer.step`] reads as the stage's named steps: branch
-rollout → rewards → per-prompt z-scores over the history → selection per group → stage statistics → training
-on the kept samples' interval steps → checkpoint. What depends on the model, the sampler or the loss is behind
-the seams in ``b2trl/models``, ``b2trl/samplers`` and ``b2trl/losses``.
+rollout → rewards → advantages (the selection rule) → training on the kept samples' interval steps → logging and
+checkpoint. A [`~b2trl.stage.Stage`] carries what each step produced to the next. What depends on the model, the
+sampler, the advantage rule or the loss is behind the seams in ``b2trl/models``, ``b2trl/samplers``,
+``b2trl/advantages`` and ``b2trl/losses``; a named method ([`B2DiffuRLConfig.for_method`]) is a row of settings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent import futures
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from accelerate import logging
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from trl import DDPOTrainer
 
 from . import checkpoint as ckpt
+from .advantages import build_rule
+from .compute import ComputeCounter
 from .config import B2DiffuRLConfig
+from .ema import ParameterEMA
 from .losses import build_loss
 from .losses.reference import ReferencePolicy
-from .models import Conditioning, family_for_pipeline
+from .methods import check_sampler
+from .models import family_for_pipeline
 from .pipeline import build_accelerator
-from .rollout import SampleBatch, branch_rollout
-from .scoring import (
-    NegativeSkewWatch,
-    call_reward_function,
-    callable_name,
-    check_rewards,
-    next_prompt,
-    stage_statistics,
-)
-from .selection import PromptRewardHistory, select, stage_advantages
+from .sampling import StageSampling
+from .scoring import NegativeSkewWatch, stage_statistics
+from .stage import Stage
 from .timing import PhaseTimer
 from .update import PolicyUpdate
 
 logger = logging.get_logger(__name__)
 
 
-class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
+class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
     """
     Trains a diffusion model with B²-DiffuRL: branch-based sampling and backward progressive training of the
     final denoising steps, against a sparse (end-of-trajectory) reward.
@@ -57,8 +55,12 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
         sd_pipeline ([`~trl.DDPOStableDiffusionPipeline`]): The pipeline to fine-tune.
         image_samples_hook (`Callable[[Any, int, Any], Any]`, *optional*):
             Called once per stage with `(prompt_image_data, global_step, tracker)`: a list of
-            [`~b2trl.rollout.SampleBatch`] (each unpacks like TRL's `[images, prompts, metadata, rewards,
+            [`~b2trl.stage.SampleBatch`] (each unpacks like TRL's `[images, prompts, metadata, rewards,
             reward_metadata]`); `tracker` is `None` when no tracker is configured.
+
+    After each stage, `trainer.last_stage` is its [`~b2trl.stage.Stage`] (rewards, normalised scores, keep mask
+    and advantages of every process's samples, in sample order, and the logged statistics), and
+    `trainer.last_stage_stats` its statistics.
     """
 
     _tag_names = ["trl", "b2trl", "b2-diffurl"]
@@ -85,7 +87,9 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
         errors = self.sampler.validation_errors()
         if errors:
             raise ValueError("Invalid B2DiffuRLConfig:\n- " + "\n- ".join(errors))
+        check_sampler(config.method, self.sampler)
         self.loss_fn = build_loss(config)
+        self.rule = build_rule(config, config.effective_selection_rule)
         self.accelerator = build_accelerator(config)
         if image_samples_hook is None:
             logger.info("No image_samples_hook provided; no images will be logged.")
@@ -138,9 +142,16 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
 
             # in place, after the LoRA adapter exists: the prepared (possibly DDP-wrapped) module is unchanged
             compile_unet(self.denoiser, **config.compile_unet_kwargs)
+        self.ema = None
+        if config.ema_decay > 0:
+            self.ema = ParameterEMA(self.trainable_params, config.ema_decay, config.ema_update_every,
+                                    on_cpu=config.ema_on_cpu)
+            self.accelerator.register_for_checkpointing(self.ema)
         self.executor = futures.ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
-        self.history = PromptRewardHistory(config.history_stages)
         self.skew_watch = NegativeSkewWatch()
+        self.compute = ComputeCounter()
+        self.last_stage: Optional[Stage] = None
+        self.last_stage_stats: dict = {}
         self.first_epoch = 0
         self.global_step = 0
         # called as fn(trainer, stats) after every stage, e.g. to write metrics to disk as training goes
@@ -196,7 +207,8 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
         RNG states, stage, global step and per-prompt reward history. Every process takes part (FSDP and
         DeepSpeed need it); the folder appears only once complete.
         """
-        state = {"stage": stage, "global_step": self.global_step, "history": self.history.state_dict()}
+        state = {"stage": stage, "global_step": self.global_step, "advantage_rule": self.rule.state_dict(),
+                 "compute": self.compute.state_dict()}
         return ckpt.save_stage(self.accelerator, self.checkpoint_dir, stage, state)
 
     def resume(self, resume_from: str) -> None:
@@ -204,7 +216,12 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
         path = ckpt.resolve_resume_path(resume_from, self.checkpoint_dir)
         state = ckpt.read_state(path)
         self.accelerator.load_state(path)
-        self.history.load_state_dict(state["history"])
+        # checkpoints written before the advantage seam hold the z-score rules' history on its own
+        rule_state = state.get("advantage_rule", {"history": state["history"]} if "history" in state else {})
+        if rule_state:
+            self.rule.load_state_dict(rule_state)
+        if "compute" in state:
+            self.compute.load_state_dict(state["compute"])
         self.global_step = int(state["global_step"])
         self.first_epoch = int(state["stage"]) + 1
         logger.info(f"Resumed from {path}: continuing at stage {self.first_epoch}.")
@@ -219,144 +236,54 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
 
     def step(self, epoch: int, global_step: int) -> int:
         """
-        Run stage `epoch` (one stage per TRL epoch): sample, score, select, train. Returns the updated
+        Run stage `epoch` (one stage per TRL epoch): sample, score, compute advantages, train. Returns the updated
         `global_step` (optimizer steps). Each line is one named step of the method.
         """
-        stage, timer = epoch, PhaseTimer()
-        branch_point, interval_end = self.config.interval_schedule.interval(stage, self.config.sample_num_steps)
+        timer = PhaseTimer()
         with timer("sampling"):
-            samples, batches = self.sample_stage(branch_point, interval_end)
+            stage = self.sample_stage(epoch)
         with timer("rewards"):
-            self.score(batches, stage)
-        self.call_image_hook(batches, global_step)
-        z, all_rewards = self.z_scores(batches)
-        keep, advantages = self.select_samples(z)
-        stats = stage_statistics(self.accelerator, stage, (branch_point, interval_end), batches, all_rewards, keep,
-                                 advantages)
-        skew_warning = self.skew_watch.update(stats)
-        if skew_warning:
-            logger.warning(skew_warning)
+            stage = self.score(stage)
+        self.call_image_hook(stage, global_step)
+        stage = self.compute_advantages(stage)
+        self.watch_skew(stage)
         with timer("training"):
-            global_step = self.train_kept(samples, keep, advantages, stats, global_step)
-        stats.update(timer.stats())
-        self.log_stage(stats)
-        if self.config.save_freq > 0 and (stage + 1) % self.config.save_freq == 0:
-            self.global_step = global_step
-            self.save_checkpoint(stage)  # every process takes part: FSDP/DeepSpeed need all of them
+            stage, global_step = self.train_stage(stage, global_step)
+        self.finish_stage(stage, timer, global_step)
         return global_step
 
-    def sample_stage(self, branch_point: int, interval_end: Optional[int] = None) -> tuple[dict, list[SampleBatch]]:
-        """The stage's branch rollouts, concatenated into one dict of transitions, and their sample batches.
-        Branches fork at `branch_point`; steps ``[branch_point, interval_end)`` are recorded (`interval_end`
-        defaults to the last step)."""
-        config = self.config
-        samples, batches = self._generate_samples(
-            config.sample_num_batches_per_epoch, config.sample_batch_size, branch_point=branch_point,
-            interval_end=interval_end,
-        )
-        return {k: torch.cat([s[k] for s in samples]) for k in samples[0]}, batches
+    def compute_advantages(self, stage: Stage) -> Stage:
+        """The stage with the advantage rule's scores, keep mask and advantages (every process computes the same
+        ones from the gathered rewards) and its statistics."""
+        result = self.rule(stage.reward_inputs())
+        stage = stage.replace(scores=result.scores.reshape(-1), keep=result.keep.reshape(-1),
+                              advantages=result.advantages.reshape(-1))
+        return stage.with_stats(**stage_statistics(stage))
 
-    def score(self, batches: list[SampleBatch], stage: int) -> None:
-        """Reward every sample batch; each batch gets its rewards and reward metadata appended."""
-        try:
-            rewards, rewards_metadata = self.compute_rewards(batches, is_async=self.config.async_reward_computation)
-        except Exception as err:
-            raise RuntimeError(
-                f"reward_function {callable_name(self.reward_fn)} raised at stage {stage}: {err!r}"
-            ) from err
-        rewards = check_rewards(
-            rewards, batches, stage, callable_name(self.reward_fn), self.config.drop_nonfinite_rewards
-        )
-        for batch, reward, metadata in zip(batches, rewards, rewards_metadata):
-            batch.extend([reward, metadata])
+    def watch_skew(self, stage: Stage) -> None:
+        """Warn once when the kept samples' advantages have been mostly negative (the loop that collapses a
+        model; see [`~b2trl.scoring.NegativeSkewWatch`])."""
+        warning = self.skew_watch.update(stage.stats)
+        if warning:
+            logger.warning(warning)
 
-    def call_image_hook(self, batches: list[SampleBatch], global_step: int) -> None:
-        if self.image_samples_callback is not None:
-            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
-            self.image_samples_callback(batches, global_step, tracker)
-
-    def z_scores(self, batches: list[SampleBatch]) -> tuple[np.ndarray, np.ndarray]:
-        """This process's per-prompt z-scores (computed on every process from the gathered rewards), and all
-        processes' rewards."""
-        local_rewards = torch.cat([batch.rewards for batch in batches])
-        all_rewards = self.accelerator.gather(local_rewards).cpu().numpy().astype(np.float64)
-        local_prompts = [p for batch in batches for p in batch.prompts]
-        all_prompts = gather_object(local_prompts) if self.accelerator.num_processes > 1 else local_prompts
-        z = self.history.update(all_prompts, all_rewards)
-        return z.reshape(self.accelerator.num_processes, -1)[self.accelerator.process_index], all_rewards
-
-    def select_samples(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The selection rule per group (groups never cross processes): ``(keep, advantages)``, both of shape
-        ``(groups, branches)``."""
-        config = self.config
-        z = z.reshape(-1, config.num_branches)
-        # a loss over pairs trains each kept group's best and worst branch together
-        rule = "pairs" if self.loss_fn.group_size == 2 else config.selection_rule
-        keep = select(z, rule, config.selection_threshold_best, config.selection_threshold_worst)
-        return keep, stage_advantages(z, keep, rule, config.train_adv_clip_max)
-
-    def log_stage(self, stats: dict) -> None:
-        self.accelerator.log(stats, step=stats["stage"])
-        self.last_stage_stats = stats
+    def finish_stage(self, stage: Stage, timer: PhaseTimer, global_step: int) -> None:
+        """Count the stage's compute, log its statistics, run the stage-end callbacks, checkpoint."""
+        timings = timer.stats()
+        self.compute.seconds += sum(timings.values())
+        stage = stage.with_stats(**timings, **self.compute.stats())
+        self.accelerator.log(stage.stats, step=stage.index)
+        self.last_stage, self.last_stage_stats = stage, stage.stats
         for callback in self.stage_end_callbacks:
-            callback(self, stats)
-
-    def encode(self, prompts) -> Conditioning:
-        """The conditioning of `prompts`, with the unconditional half when `train_cfg` (guidance) is on."""
-        with torch.no_grad():
-            cond = self.family.encode_prompts(
-                self.sd_pipeline.sd_pipeline, list(prompts), self.accelerator.device, self.image_size
-            )
-        uncond = None
-        if self.negative_conditioning is not None:
-            n = len(prompts)
-            uncond = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.negative_conditioning.items()}
-        return Conditioning(cond, uncond)
-
-    def _generate_samples(self, iterations: int, batch_size: int, branch_point: int = 0,
-                          interval_end: Optional[int] = None):
-        """
-        Sample `iterations` batches of `batch_size` prompts, each with `num_branches` branches forking at
-        `branch_point` and recorded until `interval_end` (the last step by default). Returns DDPO-layout sample
-        dicts (rows grouped by prompt, time axis = interval steps, conditioning under ``cond.*``/``uncond.*`` keys)
-        and one [`~b2trl.rollout.SampleBatch`] per batch for the reward function.
-        """
-        config = self.config
-        samples, batches = [], []
-        self.denoiser.eval()
-        n = config.num_branches
-        for _ in range(iterations):
-            prompts, prompt_metadata = zip(*[self._next_prompt() for _ in range(batch_size)])
-            conditioning = self.encode(prompts)
-            with self.autocast():
-                rollout = branch_rollout(
-                    self.sd_pipeline,
-                    conditioning,
-                    sampler=self.sampler,
-                    num_inference_steps=config.sample_num_steps,
-                    branch_point=branch_point,
-                    interval_end=interval_end,
-                    num_branches=n,
-                    guidance_scale=config.sample_guidance_scale,
-                    chunk_size=config.rollout_chunk_size,
-                    image_size=self.image_size,
-                )
-            samples.append(rollout.transitions(conditioning))
-            batches.append(rollout.sample_batch(prompts, prompt_metadata))
-        return samples, batches
-
-    def _next_prompt(self) -> tuple[str, Any]:
-        return next_prompt(self.prompt_fn)
-
-    def compute_rewards(self, prompt_image_pairs, is_async: bool = False):
-        """Score every batch; with `is_async` the batches are scored concurrently in a thread pool."""
-        return call_reward_function(
-            self.reward_fn, prompt_image_pairs, self.accelerator.device, self.executor if is_async else None
-        )
+            callback(self, stage.stats)
+        self.last_stage = stage.released()  # the transitions and images are not kept past the stage
+        if self.config.save_freq > 0 and (stage.index + 1) % self.config.save_freq == 0:
+            self.global_step = global_step
+            self.save_checkpoint(stage.index)  # every process takes part: FSDP/DeepSpeed need all of them
 
     # ------------------------------------------------------------------ saving
 
-    def save_pretrained(self, save_directory: str, **card_kwargs) -> str:
+    def save_pretrained(self, save_directory: str, ema: bool = False, **card_kwargs) -> str:
         """
         Save what was trained so that plain diffusers loads it.
 
@@ -365,12 +292,20 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
         class, e.g. `StableDiffusionPipeline`). With full fine-tuning: the whole pipeline, for
         ``<Pipeline>.from_pretrained(save_directory)``. Both get a model card
         (``README.md``); `card_kwargs` go to [`~b2trl.hub.build_model_card`]. Only the main process writes.
+
+        Args:
+            save_directory (`str`): the folder to write.
+            ema (`bool`, *optional*, defaults to `False`): save the moving average of the weights (needs
+                `ema_decay > 0`) instead of the last ones.
         """
         from .hub import save_trained
 
+        if ema and self.ema is None:
+            raise ValueError("save_pretrained(ema=True) needs ema_decay > 0 in the config: no average was kept.")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            save_trained(self, save_directory, **card_kwargs)
+            with self.ema.applied() if ema else contextlib.nullcontext():
+                save_trained(self, save_directory, ema=ema, **card_kwargs)
         self.accelerator.wait_for_everyone()
         return save_directory
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 from accelerate import logging
 
@@ -17,7 +16,7 @@ from . import batching
 from .losses import LossOutput
 from .losses.base import StageStatistics
 from .models import Conditioning
-from .selection import pair_rows, training_rows
+from .stage import Stage
 from .timing import PhaseTimer
 
 logger = logging.get_logger(__name__)
@@ -27,46 +26,53 @@ class PolicyUpdate:
     """The training half of [`B2DiffuRLTrainer`] (a mixin: it uses the trainer's config, accelerator, family,
     sampler, loss, optimizer and prepared denoiser)."""
 
-    def train_kept(self, samples: dict, keep: np.ndarray, advantages: np.ndarray, stats: dict, global_step: int) -> int:
+    def train_stage(self, stage: Stage, global_step: int) -> tuple[Stage, int]:
         """
-        Train on the kept samples (or, for a pair loss, the kept groups' (winner, loser) pairs). Every process
-        trains the same number of rows: padding rows have weight 0 (and advantage 0), so they add no gradient.
+        Train on this process's kept samples (or, for a loss over pairs, its kept groups' (winner, loser) pairs).
+        Every process trains the same number of rows, known from the gathered keep mask without communication:
+        padding rows have weight 0 (and advantage 0), so they add no gradient.
         """
         config, device = self.config, self.accelerator.device
         pairs = self.loss_fn.group_size == 2
-        local = int(keep.any(1).sum()) if pairs else int(keep.sum())
-        target = int(self.accelerator.gather(torch.tensor([local], device=device)).max())
+        kept_per_process = stage.per_process(stage.keep)
         if pairs:
-            stats["pairs_kept"] = stats["groups_kept"]
+            groups = kept_per_process.reshape(stage.num_processes, -1, stage.num_branches).any(axis=2)
+            counts, extra = groups.sum(axis=1), {"pairs_kept": int(groups.sum())}
+        else:
+            counts, extra = kept_per_process.sum(axis=1), {}
+        target = int(counts.max())
         if target == 0:
-            logger.warning(
-                f"Stage {stats['stage']}: no group passed the selection thresholds "
-                f"({config.selection_threshold_best}, {config.selection_threshold_worst}); skipping the update."
-            )
-            stats["skipped_update"] = 1
-            return global_step
-        stats["skipped_update"] = 0
-        rows, weight = pair_rows(advantages, keep, target) if pairs else training_rows(keep.reshape(-1), target)
-        kept = {k: v[rows] for k, v in samples.items()}
+            rule = config.effective_selection_rule
+            why = (f"no group passed the selection thresholds ({config.selection_threshold_best}, "
+                   f"{config.selection_threshold_worst})" if rule in ("best_worst", "pairs")
+                   else "no sample had a nonzero advantage (every group's rewards tied)")
+            logger.warning(f"Stage {stage.index}: {why} under selection_rule={rule!r}; skipping the update.")
+            return stage.with_stats(**extra, skipped_update=1), global_step
+        keep, advantages = stage.groups(stage.local(stage.keep)), stage.groups(stage.local(stage.advantages))
+        if pairs:
+            rows, weight = batching.pair_rows(stage.groups(stage.local(stage.scores)), keep, target)
+        else:
+            rows, weight = batching.training_rows(keep.reshape(-1), target)
+        kept = {k: v[rows] for k, v in stage.transitions.items()}
         kept["row_weight"] = torch.as_tensor(weight, device=device)
         kept["advantages"] = torch.as_tensor(advantages.reshape(-1)[rows], dtype=torch.float32, device=device)
         kept["advantages"] = kept["advantages"] * kept["row_weight"]
+        timings = {}
         if self.reference is not None:
             timer = PhaseTimer()
             with timer("reference"):
                 kept.update(self.reference_pass(kept))
-            stats.update(timer.stats())
-        global_step, train_stats = self._train_stage(kept, stats["stage"], global_step)
-        stats.update(train_stats)
-        return global_step
+            timings = timer.stats()
+        global_step, train_stats = self._train_stage(kept, global_step)
+        return stage.with_stats(**extra, skipped_update=0, **timings, **train_stats), global_step
 
-    def _train_stage(self, samples: dict, stage: int, global_step: int) -> tuple[int, dict]:
+    def _train_stage(self, samples: dict, global_step: int) -> tuple[int, dict]:
         """
         The loss over the kept samples for `train_num_inner_epochs` passes. An optimizer step follows every
         `train_gradient_accumulation_steps` micro-batches (each one backward pass per interval step, or per
         `train_timesteps_per_forward` steps stacked); the last window of a pass steps with what it has. Every
         process holds the same number of rows here, so all run the same number of backward passes and
-        optimizer steps.
+        optimizer steps. The EMA of the weights, when on, follows every optimizer step.
         """
         config = self.config
         info = StageStatistics()
@@ -84,6 +90,8 @@ class PolicyUpdate:
                 with sync:
                     out = self.micro_batch_loss(batch)
                     self.accelerator.backward(out.loss * scale)
+                rows = batch["latents"].shape[0] * (1 if self.negative_conditioning is None else 2)
+                self.compute.add("training", rows * self.accelerator.num_processes)
                 info.add_output(out)
                 if closes_window:
                     grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, config.train_max_grad_norm)
@@ -92,16 +100,19 @@ class PolicyUpdate:
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                     global_step += 1
+                    if self.ema is not None:
+                        self.ema.step(global_step)
         stats = info.means(self.accelerator)
         stats["optimizer_steps"] = global_step - first_step
         return global_step, stats
 
     def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         """The loss of one micro-batch of transitions (one row per sample and interval step), plus
-        ``kl_coef * KL(π_θ ‖ π_ref)`` when the KL term is on."""
-        prediction, log_prob = self._policy_step(
-            batch["latents"], batch["timesteps"], batch["next_latents"], Conditioning.from_rows(batch)
-        )
+        ``kl_coef * KL(π_θ ‖ π_ref)`` when the KL term is on. The unconditional half of guidance is the trainer's
+        negative conditioning, held once and expanded to the micro-batch (unless the batch carries its own)."""
+        conditioning = Conditioning.from_rows(batch, self.negative_conditioning)
+        prediction, log_prob = self._policy_step(batch["latents"], batch["timesteps"], batch["next_latents"],
+                                                 conditioning)
         out = self.loss_fn(log_prob, batch)
         if self.config.kl_coef > 0:
             kl = self.sampler.kl_divergence(
@@ -117,10 +128,13 @@ class PolicyUpdate:
         """The reference policy's ``ref_log_probs`` (and, for the KL term, ``ref_predictions``) of every kept
         transition, once per stage without gradients (see [`~b2trl.losses.reference.ReferencePolicy.evaluate`])."""
         chunk = self.config.train_batch_size * self.config.train_timesteps_per_forward
+        negative = self.negative_conditioning
+        rows = kept["timesteps"].numel() * (1 if negative is None else 2)
+        self.compute.add("reference", rows * self.accelerator.num_processes)
         with self.autocast():
             return self.reference.evaluate(
                 kept, self.family, self.sampler, self.sd_pipeline.scheduler, self.config.sample_guidance_scale,
-                chunk_size=chunk, predictions=self.config.kl_coef > 0,
+                chunk_size=chunk, predictions=self.config.kl_coef > 0, negative=negative,
             )
 
     def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, conditioning: Conditioning):

@@ -19,7 +19,7 @@ from typing import Callable, ContextManager
 
 # The calls one stage consists of, by phase (named as B²-DiffuRL's stage statistics name them: ``time/<phase>``).
 # B²-DiffuRL: the trainer's public named steps, the ones its own phase timer times in `step()`.
-B2_PHASES = {"sample_stage": "sampling", "score": "rewards", "train_kept": "training"}
+B2_PHASES = {"sample_stage": "sampling", "score": "rewards", "train_stage": "training"}
 # TRL 0.23.1's DDPOTrainer: private methods, as it offers no public step or timing to read them from.
 DDPO_PHASES = {"_generate_samples": "sampling", "compute_rewards": "rewards", "_train_batched_samples": "training"}
 

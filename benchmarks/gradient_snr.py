@@ -104,8 +104,8 @@ class Stage(NamedTuple):
 
 def stage_gradient(trainer, branch_point: int, seed: int, interval_end: int | None = None, repeat: int = 1) -> Stage:
     """
-    One stage's policy gradient at ratio 1, through the trainer's own named steps (sample, score, z-score,
-    select): minus the advantage-weighted sum of the kept samples' log-probability gradients over the interval
+    One stage's policy gradient at ratio 1, through the trainer's own named steps (sample, score, advantages):
+    minus the advantage-weighted sum of the kept samples' log-probability gradients over the interval
     ``[branch_point, interval_end)`` (to the last step by default). The stage's prompts (each drawn `repeat`
     times in a row) and noise both follow `seed`.
     """
@@ -116,14 +116,13 @@ def stage_gradient(trainer, branch_point: int, seed: int, interval_end: int | No
 
     trainer.prompt_fn = repeated(common.seeded_prompts(toy.train_prompts(), seed), repeat)
     torch.manual_seed(seed)
-    samples, batches = trainer.sample_stage(branch_point, interval_end)
-    trainer.score(batches, stage=seed)
-    z, rewards = trainer.z_scores(batches)
-    keep, advantages = trainer.select_samples(z)
+    end = trainer.config.sample_num_steps if interval_end is None else interval_end
+    stage = trainer.compute_advantages(trainer.score(trainer.sample_stage(seed, interval=(branch_point, end))))
+    samples, keep, advantages, rewards = stage.transitions, stage.keep, stage.advantages, stage.rewards
     # kept samples with a zero advantage (a prompt drawn once, a group whose rewards all tie) add nothing: not run
     rows = torch.as_tensor(np.flatnonzero((keep & (advantages != 0)).reshape(-1)))
     weights = torch.as_tensor(advantages.reshape(-1)[rows.numpy()]).float()
-    conditioning = Conditioning.from_rows(samples).index(rows)
+    conditioning = Conditioning.from_rows(samples, trainer.negative_conditioning).index(rows)
     trainer.optimizer.zero_grad()
     if len(rows):
         for j in range(samples["timesteps"].shape[1]):

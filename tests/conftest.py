@@ -18,3 +18,24 @@ def tiny_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sd")
     build_tiny_pipeline(str(folder))
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny SDXL pipeline (random weights, Euler scheduler, VAE with force_upcast) saved to disk, built once."""
+    from b2trl.testing import build_tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_sdxl_pipeline(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny SD3 pipeline (random weights, flow-matching Euler scheduler with shift 3, T5 length 16) saved to
+    disk, built once."""
+    from b2trl.testing import build_tiny_sd3_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    build_tiny_sd3_pipeline(str(folder), t5_max_length=16)
+    return str(folder)

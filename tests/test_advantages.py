@@ -1,17 +1,56 @@
+"""The advantage seam: the selection rules of B²-DiffuRL (same numbers as before they moved onto the seam), the
+group-relative rule, the registry, and the rows a stage's kept samples become."""
+
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from b2trl.selection import (
-    PromptRewardHistory,
-    advantages_from_z,
-    pad_rows,
-    pair_rows,
-    select,
-    select_best_worst,
-    select_pairs,
-    stage_advantages,
-    training_rows,
-)
+from b2trl import B2DiffuRLConfig
+from b2trl.advantages import RULES, AdvantageRule, StageRewards, build_rule, clip_advantages, register_rule
+from b2trl.advantages.best_worst import select_best_worst
+from b2trl.advantages.history import PromptRewardHistory
+from b2trl.advantages.pairs import select_pairs
+from b2trl.batching import pad_rows, pair_rows, training_rows
+
+
+def _config(**overrides):
+    values = dict(selection_threshold_best=0.5, selection_threshold_worst=-0.5, train_adv_clip_max=5.0,
+                  history_stages=8, advantage_std="group", advantage_per_reward=False)
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+class _FixedZ:
+    """A history that hands out given z-scores: the rules' selection and advantages, tested on known z."""
+
+    def __init__(self, z):
+        self.z = np.asarray(z, dtype=np.float64)
+
+    def update(self, prompts, rewards):
+        return self.z.reshape(-1)
+
+
+def _rule_on_z(name, z, **config):
+    """The rule `name` applied to z-scores `z` ``(groups, branches)`` through the seam."""
+    rule = build_rule(_config(**config), name)
+    rule.history = _FixedZ(z)
+    z = np.asarray(z, dtype=np.float64)
+    return rule(StageRewards(np.zeros(z.shape), ["p"] * z.size))
+
+
+def select(z, rule, threshold_best, threshold_worst):
+    return _rule_on_z(rule, z, selection_threshold_best=threshold_best, selection_threshold_worst=threshold_worst).keep
+
+
+def stage_advantages(z, keep, rule, clip):
+    out = _rule_on_z(rule, z, train_adv_clip_max=clip)
+    np.testing.assert_array_equal(out.keep, keep)
+    return out.advantages
+
+
+def advantages_from_z(z, clip):
+    return clip_advantages(z, clip)
 
 
 def test_best_worst_keeps_exactly_the_rows_the_rule_says():
@@ -35,6 +74,7 @@ def test_all_rule_keeps_everything_and_unknown_rule_fails():
     assert select(np.zeros((2, 3)), "all", 0.5, -0.5).all()
     with pytest.raises(ValueError, match="selection_rule"):
         select(np.zeros((2, 3)), "best", 0.5, -0.5)
+    assert select_best_worst(np.array([[0.6, -0.6]]), 0.5, -0.5).all()
 
 
 def test_z_scores_are_per_prompt():
@@ -122,7 +162,7 @@ def test_best_worst_advantages_are_the_z_scores_and_can_be_one_sided():
     z = np.array([[0.3, 0.3, 0.3, -2.5]])
     keep = select(z, "best_worst", 0.5, -0.5)
     adv = stage_advantages(z, keep, "best_worst", clip=5.0)
-    assert keep.sum() == 1 and adv[keep].sum() < 0
+    assert keep.sum() == 1 and adv[keep].sum() < 0 and not adv[~keep].any()
     assert select(z, "pairs", 0.5, -0.5).sum() == 2
 
 
@@ -141,3 +181,120 @@ def test_pair_rows_put_each_winner_before_its_loser_and_pad_with_zero_weight_pai
     assert len(rows) == 6 and rows.max() < z.size
     with pytest.raises(ValueError, match="smaller than the number of kept pairs"):
         pair_rows(z, keep, 1)
+
+
+# ---------------------------------------------------------------------- the rules with their real history
+
+
+def test_zscore_rules_score_against_the_prompt_history_and_checkpoint_it():
+    rewards = np.array([[1.0, 2.0, 6.0], [5.0, 5.0, 5.0]])
+    prompts = ["a"] * 3 + ["b"] * 3
+    rule = build_rule(_config(), "best_worst")
+    out = rule(StageRewards(rewards, prompts))
+    z_a = (rewards[0] - rewards[0].mean()) / rewards[0].std()
+    np.testing.assert_allclose(out.scores[0], z_a)
+    np.testing.assert_array_equal(out.scores[1], 0.0)  # "b" did not vary
+    np.testing.assert_array_equal(out.keep, select_best_worst(out.scores, 0.5, -0.5))
+    np.testing.assert_allclose(out.advantages[0], np.where(out.keep[0], z_a, 0.0))
+    # the next stage pools this one; a rule restored from the state dict computes the same z-scores
+    restored = build_rule(_config(), "best_worst")
+    restored.load_state_dict(rule.state_dict())
+    following = StageRewards(np.array([[3.0, 3.5, 0.0]]), ["a"] * 3)
+    np.testing.assert_array_equal(rule(following).scores, restored(following).scores)
+
+
+# ---------------------------------------------------------------------- grpo
+
+
+def _grpo(rewards, prompts, **config):
+    return build_rule(_config(**config), "grpo")(StageRewards(np.asarray(rewards, dtype=np.float64), prompts))
+
+
+def test_grpo_normalises_each_prompt_by_its_own_mean_and_the_group_or_global_std():
+    rewards = [[1.0, 2.0, 6.0], [4.0, 4.0, 10.0]]
+    prompts = ["a"] * 3 + ["b"] * 3
+    # by hand: group "a" mean 3, population std sqrt(14/3); group "b" mean 6, std sqrt(8)
+    std_a, std_b = (14 / 3) ** 0.5, 8**0.5
+    expected = [[(1 - 3) / (std_a + 1e-4), (2 - 3) / (std_a + 1e-4), (6 - 3) / (std_a + 1e-4)],
+                [(4 - 6) / (std_b + 1e-4), (4 - 6) / (std_b + 1e-4), (10 - 6) / (std_b + 1e-4)]]
+    out = _grpo(rewards, prompts)
+    np.testing.assert_allclose(out.advantages, expected, rtol=1e-12)
+    np.testing.assert_allclose(out.scores, expected, rtol=1e-12)
+    assert out.keep.all() and abs(out.advantages.sum()) < 1e-9
+    # global: every reward's std (mean 4.5, population std sqrt(71/6)) divides both groups
+    std = (sum((r - 4.5) ** 2 for r in [1, 2, 6, 4, 4, 10]) / 6) ** 0.5
+    out = _grpo(rewards, prompts, advantage_std="global")
+    np.testing.assert_allclose(out.advantages, [[-2 / (std + 1e-4), -1 / (std + 1e-4), 3 / (std + 1e-4)],
+                                                [-2 / (std + 1e-4), -2 / (std + 1e-4), 4 / (std + 1e-4)]],
+                               rtol=1e-12)
+
+
+def test_grpo_clips_pools_repeated_prompts_and_trains_every_nonzero_advantage():
+    # one outlier among 30 ties: its normalised reward is ~5.4, clipped to the limit; the ties are trained too
+    rewards = np.array([[0.0] * 30 + [1.0]])
+    out = _grpo(rewards, ["p"] * 31, train_adv_clip_max=2.0)
+    assert out.scores[0, -1] > 5 and out.advantages[0, -1] == 2.0 and out.keep.all()
+    # a group whose samples tie has advantage 0 everywhere: nothing of it is trained
+    out = _grpo([[0.7, 0.7], [0.1, 0.9]], ["tie", "tie", "x", "x"])
+    assert out.keep.tolist() == [[False, False], [True, True]] and not out.advantages[0].any()
+    # two groups of the same prompt are one group (Flow-GRPO groups by prompt, not by rollout)
+    pooled = _grpo([[0.0, 1.0], [2.0, 3.0]], ["p"] * 4)
+    np.testing.assert_allclose(pooled.advantages.reshape(-1),
+                               (np.array([0.0, 1.0, 2.0, 3.0]) - 1.5) / (np.std([0, 1, 2, 3]) + 1e-4))
+    # a dropped (NaN) reward is left out of its group's statistics and never trained
+    out = _grpo([[np.nan, 1.0, 3.0]], ["p"] * 3)
+    assert not out.keep[0, 0] and out.advantages[0, 0] == 0
+    np.testing.assert_allclose(out.advantages[0, 1:], [-1 / (1 + 1e-4), 1 / (1 + 1e-4)])
+
+
+def test_grpo_per_reward_normalises_each_part_within_its_group_before_the_weighted_sum():
+    prompts = ["a"] * 3 + ["b"] * 3
+    # part "big" has a range 1000 times "small"'s; weights 1 and 1
+    big = np.array([[0.0, 1000.0, 2000.0], [0.0, 0.0, 3000.0]])
+    small = np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    stage = StageRewards(big + small, prompts, components={"big": big, "small": small},
+                         weights={"big": 1.0, "small": 1.0})
+    out = build_rule(_config(advantage_per_reward=True), "grpo")(stage)
+
+    def normed(values):
+        return (values - values.mean(1, keepdims=True)) / (values.std(1, keepdims=True) + 1e-4)
+
+    total = (normed(big) + normed(small)).reshape(-1)
+    expected = (total - total.mean()) / (total.std() + 1e-4)
+    np.testing.assert_allclose(out.scores.reshape(-1), expected, rtol=1e-10)
+    # in group "a" the parts disagree exactly: after per-part normalisation they cancel, where the plain sum
+    # follows the big part alone
+    np.testing.assert_allclose(out.scores[0], 0.0, atol=1e-3)
+    assert np.argmax(_grpo(big + small, prompts).scores[0]) == 2
+    with pytest.raises(ValueError, match="advantage_per_reward=True needs a reward made of parts"):
+        build_rule(_config(advantage_per_reward=True), "grpo")(StageRewards(big, prompts))
+
+
+def test_the_config_accepts_registered_rules_and_checks_grpo_options_by_name():
+    assert {"best_worst", "pairs", "all", "grpo"} <= set(RULES)
+    assert B2DiffuRLConfig(selection_rule="grpo", advantage_std="global").advantage_std == "global"
+    with pytest.raises(ValueError, match="advantage_std must be one of"):
+        B2DiffuRLConfig(selection_rule="grpo", advantage_std="batch")
+    with pytest.raises(ValueError, match="advantage_per_reward=True is an option of selection_rule='grpo'"):
+        B2DiffuRLConfig(advantage_per_reward=True)
+    # a loss declares the rule it needs: DPO takes the default as pairs, and refuses a rule without pairs
+    assert B2DiffuRLConfig(loss_type="dpo").effective_selection_rule == "pairs"
+    with pytest.raises(ValueError, match="loss_type='dpo' needs selection_rule='pairs'"):
+        B2DiffuRLConfig(loss_type="dpo", selection_rule="grpo")
+
+
+def test_a_new_rule_is_one_class_and_its_registration():
+    @register_rule
+    class TopOne(AdvantageRule):
+        name = "test_top_one"
+
+        def __call__(self, stage):
+            best = stage.rewards == np.nanmax(stage.rewards, axis=1, keepdims=True)
+            return type(build_rule(_config(), "all")(stage))(stage.rewards, best, best.astype(float))
+
+    try:
+        config = B2DiffuRLConfig(selection_rule="test_top_one")
+        out = build_rule(config)(StageRewards(np.array([[0.1, 0.9]]), ["p", "p"]))
+        assert out.keep.tolist() == [[False, True]]
+    finally:
+        RULES.pop("test_top_one")

@@ -143,7 +143,7 @@ def test_dpo_trains_end_to_end_and_logs_its_statistics(tiny_model_dir):
         (dict(loss_type="dpo", dpo_beta=0.0), "dpo_beta must be > 0"),
         (dict(kl_coef=-0.1), "kl_coef must be >= 0"),
         (dict(loss_type="dpo", num_branches=1, selection_rule="all"), "needs num_branches >= 2"),
-        (dict(loss_type="dpo", selection_rule="all"), "selection_rule='all' keeps every branch"),
+        (dict(loss_type="dpo", selection_rule="all"), "loss_type='dpo' needs selection_rule='pairs' \\(got 'all'\\)"),
     ],
 )
 def test_invalid_loss_settings_name_the_field(overrides, message):

@@ -25,11 +25,11 @@ def test_resume_restores_stage_optimizer_history_and_keeps_training(tiny_model_d
     first = _trainer(tiny_model_dir, tmp_path, num_epochs=2)
     first.train()
     trained = lora_params(first.sd_pipeline)
-    history = first.history.stats()
+    history = first.rule.history.stats()
 
     resumed = _trainer(tiny_model_dir, tmp_path, num_epochs=4, resume_from="latest")
     assert resumed.first_epoch == 2 and resumed.global_step == first.global_step
-    assert resumed.history.stats() == history
+    assert resumed.rule.history.stats() == history
     assert max_change(trained, lora_params(resumed.sd_pipeline)) == 0  # the LoRA weights came back
     assert list(resumed.sd_pipeline.unet.peft_config) == ["default"]  # into the one adapter, not a second
     opt_first, opt_resumed = first.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
@@ -113,3 +113,24 @@ def test_sigkill_mid_stage_then_resume(tiny_model_dir, tmp_path):
     assert stats_2["interval_length"] == resumed.config.interval_schedule.length(2, resumed.config.sample_num_steps)
     assert max_change(at_checkpoint, lora_params(resumed.sd_pipeline)) > 0
     assert ckpt.is_complete(str(project / "checkpoints" / "checkpoint_2"))
+
+
+@pytest.mark.parametrize("anchor", ["sliding", "random"])
+def test_a_resumed_run_trains_the_same_windows_as_an_uninterrupted_one(tiny_model_dir, tmp_path, anchor):
+    from b2trl import IntervalSchedule
+
+    schedule = IntervalSchedule(initial_length=2, anchor=anchor, shift_every=1, window_seed=7)
+
+    def windows(trainer):
+        seen = []
+        trainer.stage_end_callbacks.append(lambda t, s: seen.append((s["stage"], s["branch_point"], s["interval_end"])))
+        trainer.train()
+        return seen
+
+    whole = windows(_trainer(tiny_model_dir, tmp_path / "whole", num_epochs=4, interval_schedule=schedule))
+    _trainer(tiny_model_dir, tmp_path / "cut", num_epochs=2, interval_schedule=schedule).train()
+    rest = windows(_trainer(tiny_model_dir, tmp_path / "cut", num_epochs=4, interval_schedule=schedule,
+                            resume_from="latest"))
+    assert rest == whole[2:]
+    assert [first for _, first, _ in whole] == [schedule.interval(k, 6)[0] for k in range(4)]
+    assert all(end - first == 2 for _, first, end in whole)

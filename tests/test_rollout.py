@@ -181,12 +181,15 @@ def test_a_start_anchored_interval_records_the_first_steps_and_finishes_each_bra
     assert torch.equal(out.next_latents[:, :-1], out.latents[:, 1:])
     assert not torch.equal(out.images[0], out.images[1])  # each branch finished with its own noise
 
-    # the recorded transitions are on-policy: their recomputed log-probabilities give ratio 1
+    # the recorded transitions are on-policy: their recomputed log-probabilities give ratio 1 (the transitions
+    # hold the prompts' conditioning; the negative half is the trainer's one row)
     rows = out.transitions(conditioning)
+    assert not any(k.startswith("uncond.") for k in rows)
     with torch.no_grad():
         for j in range(2):
             recomputed = trainer.transition_log_prob(
-                rows["latents"][:, j], rows["timesteps"][:, j], rows["next_latents"][:, j], Conditioning.from_rows(rows)
+                rows["latents"][:, j], rows["timesteps"][:, j], rows["next_latents"][:, j],
+                Conditioning.from_rows(rows, trainer.negative_conditioning),
             )
             torch.testing.assert_close(recomputed, rows["log_probs"][:, j], rtol=0, atol=1e-5)
 

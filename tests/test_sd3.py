@@ -19,13 +19,8 @@ T5_LENGTH = 16  # the tiny model's tokenizer_3.model_max_length (diffusers would
 
 
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    """A tiny SD3 pipeline (random weights, flow-matching Euler scheduler with shift 3) saved to disk."""
-    from b2trl.testing import build_tiny_sd3_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny-sd3")
-    build_tiny_sd3_pipeline(str(folder), t5_max_length=T5_LENGTH)
-    return str(folder)
+def sd3_dir(tiny_sd3_dir):
+    return tiny_sd3_dir
 
 
 def _lora(pipeline) -> dict:

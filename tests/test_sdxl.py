@@ -11,13 +11,8 @@ from helpers import lora_params, make_trainer, max_change, torchrun_tiny
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    """A tiny SDXL pipeline (random weights, Euler scheduler, VAE with force_upcast) saved to disk."""
-    from b2trl.testing import build_tiny_sdxl_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny-sdxl")
-    build_tiny_sdxl_pipeline(str(folder))
-    return str(folder)
+def sdxl_dir(tiny_sdxl_dir):
+    return tiny_sdxl_dir
 
 
 def _unet_calls(unet, calls):

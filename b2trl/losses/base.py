@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -31,7 +32,7 @@ class TrainingLoss:
     The trainer computes the current policy's log-probability of each transition of a micro-batch and calls the
     loss with it and the micro-batch (a dict of tensors, one row per transition: ``log_probs`` recorded while
     sampling, ``advantages``, ``timesteps``, ``ref_log_probs`` when `needs_reference`, ...). A new loss is one
-    module in ``b2trl/losses/`` and one entry in ``build_loss``.
+    module in ``b2trl/losses/`` with a class decorated by [`register_loss`], imported in the package, plus its test.
 
     Class attributes:
         name: the value of `B2DiffuRLConfig.loss_type` that selects it.
@@ -39,14 +40,37 @@ class TrainingLoss:
             (2 for a loss over (winner, loser) pairs).
         needs_reference: whether the micro-batch must carry ``ref_log_probs``, the reference policy's
             log-probabilities of its transitions.
+        selection: the selection rule the loss needs (`None`: any). A loss over pairs needs ``"pairs"``, which
+            keeps exactly each group's best and worst branch.
     """
 
     name: str = ""
     group_size: int = 1
     needs_reference: bool = False
+    selection: Optional[str] = None
+
+    @classmethod
+    def from_config(cls, config) -> "TrainingLoss":
+        """The loss with its settings read from a [`B2DiffuRLConfig`]."""
+        raise NotImplementedError
 
     def __call__(self, log_prob: torch.Tensor, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for model cards and logs, e.g. ``"PPO-clip, clip range 0.1"``."""
+        return self.name
+
+
+LOSSES: dict[str, type[TrainingLoss]] = {}
+
+
+def register_loss(cls: type[TrainingLoss]) -> type[TrainingLoss]:
+    """Class decorator: make `cls` available as ``loss_type=cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a name to be registered.")
+    LOSSES[cls.name] = cls
+    return cls
 
 
 class StageStatistics:

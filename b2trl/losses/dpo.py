@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import LossOutput, TrainingLoss
+from .base import LossOutput, TrainingLoss, register_loss
 
 
+@register_loss
 class DPOPairLoss(TrainingLoss):
     """
     ``-log σ(β · (log r_w - log r_l))`` per interval step of a pair, with ``r = clamp(π_θ / π_ref, 1 - ε, 1 + ε)``
@@ -26,10 +27,19 @@ class DPOPairLoss(TrainingLoss):
     name = "dpo"
     group_size = 2
     needs_reference = True
+    selection = "pairs"
 
     def __init__(self, beta: float, clip_range: float):
         self.beta = beta
         self.clip_range = clip_range
+
+    @classmethod
+    def from_config(cls, config) -> "DPOPairLoss":
+        return cls(config.dpo_beta, config.train_clip_range)
+
+    def describe(self) -> str:
+        return (f"D3PO-style DPO on each kept group's (best, worst) pair against the base model, beta {self.beta}, "
+                f"ratio clip {self.clip_range}")
 
     def __call__(self, log_prob, batch) -> LossOutput:
         ratio = torch.exp(log_prob - batch["ref_log_probs"])

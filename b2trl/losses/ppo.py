@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import LossOutput, TrainingLoss
+from .base import LossOutput, TrainingLoss, register_loss
 
 
+@register_loss
 class PPOClipLoss(TrainingLoss):
     """
     ``mean(max(-A·r, -A·clip(r, 1-ε, 1+ε)))`` with ``r = exp(log π_θ - log π_old)``.
@@ -21,6 +22,13 @@ class PPOClipLoss(TrainingLoss):
     def __init__(self, clip_range: float, adv_clip_max: float):
         self.clip_range = clip_range
         self.adv_clip_max = adv_clip_max
+
+    @classmethod
+    def from_config(cls, config) -> "PPOClipLoss":
+        return cls(config.train_clip_range, config.train_adv_clip_max)
+
+    def describe(self) -> str:
+        return f"PPO-clip on the kept samples' advantages, clip range {self.clip_range}"
 
     def __call__(self, log_prob, batch) -> LossOutput:
         old = batch["log_probs"]

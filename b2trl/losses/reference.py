@@ -48,15 +48,17 @@ class ReferencePolicy:
             self.denoiser.enable_adapters()
 
     @torch.no_grad()
-    def evaluate(self, kept, family, sampler, scheduler, guidance_scale, *, chunk_size, predictions=False) -> dict:
+    def evaluate(self, kept, family, sampler, scheduler, guidance_scale, *, chunk_size, predictions=False,
+                 negative=None) -> dict:
         """
         The reference's view of a stage's kept transitions (``(rows, L)`` layout, as sampled): ``ref_log_probs``
         ``(rows, L)``, and with `predictions` its guided prediction per step, ``ref_predictions``, for the KL
-        term. `chunk_size` bounds the (row, step) pairs per denoiser call.
+        term. `chunk_size` bounds the (row, step) pairs per denoiser call; `negative` is the unconditional half of
+        guidance, one row for every transition.
         """
         rows, num_steps = kept["timesteps"].shape
         flat = batching.stack_steps(kept, slice(0, num_steps))
-        conditioning = Conditioning.from_rows(flat)
+        conditioning = Conditioning.from_rows(flat, negative)
         log_probs, outputs = [], []
         with self.active() as denoiser:
             for start in range(0, rows * num_steps, chunk_size):

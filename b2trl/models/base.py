@@ -82,10 +82,17 @@ class Conditioning:
         return rows
 
     @classmethod
-    def from_rows(cls, rows: dict[str, torch.Tensor]) -> "Conditioning":
-        """The conditioning stored in a sample dict by [`Conditioning.to_rows`] (other keys are ignored)."""
+    def from_rows(cls, rows: dict[str, torch.Tensor], negative: Optional[dict[str, torch.Tensor]] = None
+                  ) -> "Conditioning":
+        """
+        The conditioning stored in a sample dict by [`Conditioning.to_rows`] (other keys are ignored). `negative`,
+        the unconditional half as one row held once per stage, is expanded to every row (a view, not a copy).
+        """
         cond = {k[len("cond.") :]: v for k, v in rows.items() if k.startswith("cond.")}
         uncond = {k[len("uncond.") :]: v for k, v in rows.items() if k.startswith("uncond.")}
+        if negative is not None and not uncond:
+            n = next(iter(cond.values())).shape[0]
+            uncond = {k: v.expand(n, *v.shape[1:]) for k, v in negative.items()}
         return cls(cond, uncond or None)
 
 

@@ -35,6 +35,9 @@ parser.add_argument("--sleep", type=float, default=0.0, help="seconds each rewar
 parser.add_argument("--stats", default=None, help="append each stage's stats here as JSON lines")
 parser.add_argument("--distributed", action="store_true", help="per-rank prompts and a weight check per stage")
 parser.add_argument("--loss-type", default="ppo", help="B2DiffuRLConfig.loss_type")
+parser.add_argument("--selection-rule", default="best_worst", help="B2DiffuRLConfig.selection_rule")
+parser.add_argument("--advantage-std", default="group", help="B2DiffuRLConfig.advantage_std")
+parser.add_argument("--ema-decay", type=float, default=0.0, help="B2DiffuRLConfig.ema_decay")
 parser.add_argument("--plain-ddpo", action="store_true", help="run TRL's DDPOTrainer instead (a control)")
 args = parser.parse_args()
 
@@ -63,6 +66,9 @@ config = small_config(
     accelerator_kwargs=accelerator_kwargs,
     train_learning_rate=1e-2,
     loss_type=args.loss_type,
+    selection_rule=args.selection_rule,
+    advantage_std=args.advantage_std,
+    ema_decay=args.ema_decay,
 )
 if args.plain_ddpo:
     from trl import DDPOConfig, DDPOTrainer
@@ -85,16 +91,7 @@ if args.plain_ddpo:
     leave()
 
 
-class CountingTrainer(B2DiffuRLTrainer):
-    """Remembers how many samples this process kept in the last stage (the test compares ranks)."""
-
-    def select_samples(self, z):
-        keep, advantages = super().select_samples(z)
-        self.local_kept = int(keep.sum())
-        return keep, advantages
-
-
-trainer = CountingTrainer(config, reward, cycling_prompts(prompts), load_pipeline(args.model_dir))
+trainer = B2DiffuRLTrainer(config, reward, cycling_prompts(prompts), load_pipeline(args.model_dir))
 
 
 def log_stage(trainer, stats):
@@ -103,9 +100,19 @@ def log_stage(trainer, stats):
         flat = torch.cat([p.detach().reshape(-1) for p in trainer.trainable_params])
         everyone = trainer.accelerator.gather(flat.unsqueeze(0))
         record["max_weight_diff_across_ranks"] = float((everyone - everyone[0]).abs().max())
-        kept = trainer.accelerator.gather(torch.tensor([trainer.local_kept]))
+        stage = trainer.last_stage
+        # each rank's own rows of the advantages every rank computed from the gathered rewards
+        local = torch.tensor(stage.local(stage.advantages), dtype=torch.float64)
+        record["advantages_by_rank"] = trainer.accelerator.gather(local.unsqueeze(0)).tolist()
+        kept = trainer.accelerator.gather(torch.tensor([int(stage.local(stage.keep).sum())]))
         record["kept_per_rank"] = kept.tolist()
         record["weight_norm"] = float(flat.norm())
+        record["rewards"] = stage.rewards.tolist()
+        record["prompts"] = list(stage.all_prompts)
+        if trainer.ema is not None:
+            average = torch.cat([a.reshape(-1) for a in trainer.ema.average])
+            everyone = trainer.accelerator.gather(average.unsqueeze(0))
+            record["max_ema_diff_across_ranks"] = float((everyone - everyone[0]).abs().max())
     if args.stats and trainer.accelerator.is_main_process:
         with open(args.stats, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -1,0 +1,47 @@
+"""What a run has spent, counted the same way for every method: denoiser rows and seconds.
+
+A *row* is one sample through the denoiser at one step; classifier-free guidance runs two (the unconditional and
+the conditional half). Sampling and the reference policy's passes are forward rows. A training row is a forward
+and a backward pass, counted as `TRAINING_ROW_COST` forward rows — the ratio measured on a CPU for the toy
+model's UNet with a LoRA adapter (`benchmarks/cost.py` recounts rows with a hook on the denoiser and checks this
+counter). Seconds are the wall time of sampling, rewards and training.
+"""
+
+from __future__ import annotations
+
+# a training row (forward + backward) in forward-row equivalents; see benchmarks/cost.py --training_row_cost
+TRAINING_ROW_COST = 3.0
+
+KINDS = ("sampling", "reference", "training")
+
+
+class ComputeCounter:
+    """Cumulative denoiser rows per kind and seconds of a run (kept in checkpoints, so a resumed run counts on)."""
+
+    def __init__(self):
+        self.rows = {kind: 0 for kind in KINDS}
+        self.seconds = 0.0
+
+    def add(self, kind: str, rows: int) -> None:
+        if kind not in self.rows:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+        self.rows[kind] += int(rows)
+
+    @property
+    def forward_rows(self) -> float:
+        """Every row so far in forward-row equivalents."""
+        return self.rows["sampling"] + self.rows["reference"] + TRAINING_ROW_COST * self.rows["training"]
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "compute/denoiser_rows": self.forward_rows,
+            **{f"compute/{kind}_rows": rows for kind, rows in self.rows.items()},
+            "compute/seconds": round(self.seconds, 3),
+        }
+
+    def state_dict(self) -> dict:
+        return {"rows": dict(self.rows), "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = {kind: int(state["rows"].get(kind, 0)) for kind in KINDS}
+        self.seconds = float(state["seconds"])
