@@ -204,6 +204,19 @@ def table_presets() -> str:
     return _table(header, rows)
 
 
+def table_methods() -> str:
+    """Every named method: what it sets (on top of B2DiffuRLConfig's defaults), where it applies, its source."""
+    from b2trl.methods import METHODS
+
+    rows = []
+    for method in METHODS.values():
+        settings = ", ".join(f"`{k}={v!r}`" for k, v in method.settings.items()) or "(the defaults)"
+        schedule = ", ".join(f"`{k}={v!r}`" for k, v in method.schedule.items()) or "(the default)"
+        where = "flow-matching models" if method.samplers else "every family"
+        rows.append([f"`{method.name}`", _cell(method.description), settings, schedule, where, _cell(method.source)])
+    return _table(["method", "what it does", "settings", "interval schedule", "for", "source"], rows)
+
+
 TABLES = {
     "b2diffurl-fields": table_b2diffurl_fields,
     "trl-changed-defaults": table_trl_changed_defaults,
@@ -212,6 +225,7 @@ TABLES = {
     "interval-schedule": table_interval_schedule,
     "script-arguments": table_script_arguments,
     "presets": table_presets,
+    "methods": table_methods,
 }
 
 
