@@ -16,6 +16,7 @@ _LAZY = {
     "AestheticScorer": "b2trl.rewards.clip",
     "CLIPScore": "b2trl.rewards.clip",
     "PickScore": "b2trl.rewards.clip",
+    "HPSv2": "b2trl.rewards.hps",
     "RewardModelNotFoundError": "b2trl.rewards.base",
 }
 

@@ -18,6 +18,7 @@ _BUILTINS: dict[str, str] = {
     "aesthetic": "b2trl.rewards.clip:AestheticScorer",
     "clip_score": "b2trl.rewards.clip:CLIPScore",
     "pickscore": "b2trl.rewards.clip:PickScore",
+    "hpsv2": "b2trl.rewards.hps:HPSv2",
     "toy_alignment": "b2trl.toy:alignment_reward",
 }
 

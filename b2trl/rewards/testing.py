@@ -69,3 +69,88 @@ def save_aesthetic_head(path, input_dim=16, seed=0):
         state[f"layers.{index}.bias"] = torch.randn(d_out, generator=gen) * 0.1
     torch.save(state, path)
     return state
+
+
+def build_tiny_open_clip(folder, image_size=32, patch_size=8, width=32, layers=2, heads=4, embed_dim=16,
+                         context_length=24, seed=0, module_prefix=False):
+    """Save a random open_clip-layout ViT CLIP checkpoint as HPSv2 distributes it, plus its processor folder.
+
+    `folder/open_clip.pt` holds `{"state_dict": ..., "epoch": 1}` with open_clip's key names (`visual.conv1.weight`,
+    `visual.transformer.resblocks.{i}.attn.in_proj_weight`, `token_embedding.weight`, `text_projection`, ...;
+    prefixed with `module.` if `module_prefix`). `folder/processor` holds what HPSv2 takes from the LAION CLIP repo:
+    a `config.json` of the matching transformers `CLIPConfig` (GELU, as ViT-H-14; `eos_token_id=2` as in that repo,
+    which selects pooling at the highest token id), a byte-level CLIP tokenizer whose end-of-text token has the
+    highest id (as in CLIP's real vocabulary) and a `preprocessor_config.json`.
+
+    Returns:
+        `tuple(str, str, dict)`: the checkpoint path, the processor folder and the open_clip state dict.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPConfig, CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {}
+    for suffix in ("", "</w>"):
+        for s in symbols:
+            vocab[s + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    processor = os.path.join(folder, "processor")
+    os.makedirs(processor, exist_ok=True)
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(processor)
+    tower = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                 hidden_act="gelu")
+    CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), max_position_embeddings=context_length, bos_token_id=0,
+                         eos_token_id=2, pad_token_id=1, **tower),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, **tower),
+        projection_dim=embed_dim,
+    ).save_pretrained(processor)
+    image_processor_class()(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(processor)
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=None):
+        return torch.randn(*shape, generator=gen) * (scale if scale is not None else shape[-1] ** -0.5)
+
+    def layer_norm(prefix):
+        return {f"{prefix}.weight": 1 + 0.1 * rand(width, scale=1.0), f"{prefix}.bias": 0.1 * rand(width, scale=1.0)}
+
+    def blocks(prefix):
+        state = {}
+        for i in range(layers):
+            p = f"{prefix}transformer.resblocks.{i}"
+            state.update(layer_norm(f"{p}.ln_1"))
+            state.update(layer_norm(f"{p}.ln_2"))
+            state[f"{p}.attn.in_proj_weight"] = rand(3 * width, width)
+            state[f"{p}.attn.in_proj_bias"] = rand(3 * width, scale=0.1)
+            state[f"{p}.attn.out_proj.weight"] = rand(width, width)
+            state[f"{p}.attn.out_proj.bias"] = rand(width, scale=0.1)
+            state[f"{p}.mlp.c_fc.weight"] = rand(4 * width, width)
+            state[f"{p}.mlp.c_fc.bias"] = rand(4 * width, scale=0.1)
+            state[f"{p}.mlp.c_proj.weight"] = rand(width, 4 * width)
+            state[f"{p}.mlp.c_proj.bias"] = rand(width, scale=0.1)
+        return state
+
+    grid = image_size // patch_size
+    state = {
+        "visual.conv1.weight": rand(width, 3, patch_size, patch_size, scale=(3 * patch_size**2) ** -0.5),
+        "visual.class_embedding": rand(width, scale=1.0),
+        "visual.positional_embedding": rand(grid**2 + 1, width, scale=0.5),
+        **layer_norm("visual.ln_pre"),
+        **blocks("visual."),
+        **layer_norm("visual.ln_post"),
+        "visual.proj": rand(width, embed_dim),
+        "token_embedding.weight": rand(len(vocab), width, scale=1.0),
+        "positional_embedding": rand(context_length, width, scale=0.5),
+        **blocks(""),
+        **layer_norm("ln_final"),
+        "text_projection": rand(width, embed_dim),
+        "logit_scale": torch.tensor(4.6052),
+    }
+    saved = {f"module.{k}" if module_prefix else k: v for k, v in state.items()}
+    path = os.path.join(folder, "open_clip.pt")
+    torch.save({"state_dict": saved, "epoch": 1}, path)
+    return path, processor, state
