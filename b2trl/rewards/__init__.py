@@ -17,6 +17,7 @@ _LAZY = {
     "CLIPScore": "b2trl.rewards.clip",
     "PickScore": "b2trl.rewards.clip",
     "HPSv2": "b2trl.rewards.hps",
+    "VQAScore": "b2trl.rewards.vqa",
     "RewardModelNotFoundError": "b2trl.rewards.base",
 }
 

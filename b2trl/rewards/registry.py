@@ -19,6 +19,7 @@ _BUILTINS: dict[str, str] = {
     "clip_score": "b2trl.rewards.clip:CLIPScore",
     "pickscore": "b2trl.rewards.clip:PickScore",
     "hpsv2": "b2trl.rewards.hps:HPSv2",
+    "vqa_score": "b2trl.rewards.vqa:VQAScore",
     "toy_alignment": "b2trl.toy:alignment_reward",
 }
 
