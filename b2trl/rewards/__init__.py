@@ -18,6 +18,10 @@ _LAZY = {
     "PickScore": "b2trl.rewards.clip",
     "HPSv2": "b2trl.rewards.hps",
     "VQAScore": "b2trl.rewards.vqa",
+    "RemoteReward": "b2trl.rewards.remote",
+    "RemoteRewardError": "b2trl.rewards.remote",
+    "RemoteRewardTimeout": "b2trl.rewards.remote",
+    "RemoteRewardUnreachable": "b2trl.rewards.remote",
     "RewardModelNotFoundError": "b2trl.rewards.base",
 }
 

@@ -20,6 +20,7 @@ _BUILTINS: dict[str, str] = {
     "pickscore": "b2trl.rewards.clip:PickScore",
     "hpsv2": "b2trl.rewards.hps:HPSv2",
     "vqa_score": "b2trl.rewards.vqa:VQAScore",
+    "remote": "b2trl.rewards.remote:RemoteReward",
     "toy_alignment": "b2trl.toy:alignment_reward",
 }
 
