@@ -267,7 +267,8 @@ def test_server_refuses_bad_requests_with_4xx(images):
         assert status == 400 and "one base64 PNG per prompt" in answer["error"]
         status, answer = _post(url, json.dumps({**good, "images": ["%%%"]}).encode())
         assert status == 400 and "not a base64-encoded PNG" in answer["error"]
-        noise = images_to_png_base64(torch.rand(1, 3, 512, 512))  # ~800 kB of PNG
+        # ~100 kB: over the limit, yet small enough to sit in the socket buffers while the server answers unread
+        noise = images_to_png_base64(torch.rand(1, 3, 160, 160))
         status, answer = _post(url, json.dumps({**good, "images": noise}).encode())
         assert status == 413 and "exceeds the limit" in answer["error"]
 
