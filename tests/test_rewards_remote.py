@@ -117,6 +117,7 @@ def test_png_round_trip_is_uint8_rounding(images):
     decoded = png_base64_to_images(images_to_png_base64(images))
     assert decoded.dtype == torch.float32 and decoded.shape == images.shape
     assert torch.equal(decoded, png_rounded(images))
+    assert torch.equal(png_base64_to_images(images_to_png_base64(images, compress_level=0)), decoded)
     with pytest.raises(ValueError, match=r"images\[0\] is not a base64-encoded PNG"):
         png_base64_to_images(["bm90IGEgcG5n"])
     with pytest.raises(ValueError, match="one size"):
@@ -236,7 +237,8 @@ def test_malformed_body(body, images):
 def test_client_argument_errors():
     with pytest.raises(ValueError, match="`url` must be an http:// or https:// URL"):
         RemoteReward("localhost:8000")
-    for kwargs, field in [({"timeout": 0}, "timeout"), ({"retries": -1}, "retries"), ({"batch_size": 0}, "batch_size")]:
+    for kwargs, field in [({"timeout": 0}, "timeout"), ({"retries": -1}, "retries"), ({"batch_size": 0}, "batch_size"),
+                          ({"png_compression": 10}, "png_compression")]:
         with pytest.raises(ValueError, match=f"`{field}`"):
             RemoteReward("http://127.0.0.1:1/", check=False, **kwargs)
 

@@ -46,16 +46,19 @@ class RemoteRewardUnreachable(RemoteRewardError, ConnectionError):
     """A scoring server could not be reached (connection refused, unknown host, nothing listening)."""
 
 
-def images_to_png_base64(images: torch.Tensor) -> list[str]:
-    """`(B, 3, H, W)` images in `[0, 1]` as base64 PNG strings of 8-bit RGB (rounded to the nearest level)."""
+def images_to_png_base64(images: torch.Tensor, compress_level: int = 1) -> list[str]:
+    """`(B, 3, H, W)` images in `[0, 1]` as base64 PNG strings of 8-bit RGB (rounded to the nearest level).
+
+    PNG is lossless at every `compress_level` (0-9); 1 is about 1.5x slower than 0 to write and 3-4x smaller on
+    natural images, 6 (PIL's default) is several times slower again for little gain.
+    """
     from PIL import Image
 
     array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     encoded = []
     for image in array:
         buffer = io.BytesIO()
-        # PNG is lossless at every level; level 1 is the fastest to write
-        Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=1)
+        Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=compress_level)
         encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
     return encoded
 
@@ -131,6 +134,8 @@ class RemoteReward:
             (a `GET`, whose status does not matter), so that a wrong URL fails before any sampling.
         headers (`dict`, *optional*): extra HTTP headers (e.g. `{"Authorization": "Bearer ..."}`).
         name (`str`, *optional*, defaults to `"remote"`): the part name in a [`CompositeReward`].
+        png_compression (`int`, *optional*, defaults to 1): PNG `compress_level` (0-9; lossless at every level):
+            0 writes fastest but sends ~4x more bytes, for a fast local link.
 
     Returns (when called):
         `(rewards, metadata)`: float32 `(B,)` rewards on the images' device (NaN where the server answered
@@ -155,6 +160,7 @@ class RemoteReward:
         check: bool = True,
         headers: dict | None = None,
         name: str = "remote",
+        png_compression: int = 1,
     ):
         parsed = urllib.parse.urlparse(url) if isinstance(url, str) else None
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -167,6 +173,8 @@ class RemoteReward:
             raise ValueError(f"`backoff` must be >= 0 seconds, got {backoff!r}.")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
+        if png_compression not in range(10):
+            raise ValueError(f"`png_compression` must be an integer from 0 to 9, got {png_compression!r}.")
         self.url = url
         self.timeout = float(timeout)
         self.retries = retries
@@ -174,6 +182,7 @@ class RemoteReward:
         self.batch_size = batch_size
         self.headers = dict(headers or {})
         self.name = name
+        self.png_compression = png_compression
         # loopback traffic never goes through an HTTP proxy from the environment
         handlers = [urllib.request.ProxyHandler({})] if parsed.hostname in _LOOPBACK else []
         self._opener = urllib.request.build_opener(*handlers)
@@ -239,7 +248,8 @@ class RemoteReward:
 
     def _score_chunk(self, images, prompts, metadata) -> tuple[list[float], object]:
         body = json.dumps(
-            {"prompts": list(prompts), "images": images_to_png_base64(images), "metadata": metadata}
+            {"prompts": list(prompts), "images": images_to_png_base64(images, self.png_compression),
+             "metadata": metadata}
         ).encode("utf-8")
         status, payload = self._post(body)
         if status != 200:
