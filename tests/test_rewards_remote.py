@@ -286,7 +286,8 @@ def test_command_line_server_answers(tmp_path):
 
     prompts = train_prompts()[:4]
     images = torch.from_numpy(render(prompts, seed=1))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's b2trl, wherever pytest runs
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         [sys.executable, "-m", "b2trl.rewards.serve", "toy_alignment", "--host", "127.0.0.1", "--port", "0", "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

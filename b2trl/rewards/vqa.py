@@ -25,6 +25,9 @@ VQA_TEMPLATE = 'Does this image show "{prompt}"? Please answer yes or no.'
 def _images_only(processor_class):
     """`processor_class` without its video processor (the only part of a Qwen-VL-style processor that needs
     torchvision); it then processes images and text exactly as the full processor does."""
+    if not hasattr(processor_class, "get_attributes"):  # transformers 4.x lists them in a class attribute
+        attributes = [a for a in processor_class.attributes if a != "video_processor"]
+        return type(processor_class.__name__, (processor_class,), {"attributes": attributes})
     attributes = [a for a in processor_class.get_attributes() if a != "video_processor"]
     return type(processor_class.__name__, (processor_class,), {"get_attributes": classmethod(lambda cls: attributes)})
 
