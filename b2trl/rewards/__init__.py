@@ -4,7 +4,7 @@
 `(B,)` tensor on the images' device. Scorers with several parts return a metadata dict with a
 `"components"` entry (`{part: float32 (B,) tensor}`), which the trainer logs as `reward/<part>`.
 
-The CLIP scorers (and transformers) are imported only when first used, so importing this package is cheap.
+The model-based scorers (and transformers) are imported only when first used, so importing this package is cheap.
 """
 
 from .registry import get_reward, list_rewards, register_reward
