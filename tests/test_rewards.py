@@ -217,12 +217,14 @@ def test_composite_bad_part_output_and_arguments():
 
 def test_builtin_names_listed_and_resolved():
     builtins = {
-        "jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "pickscore", "toy_alignment"
+        "jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "pickscore", "toy_alignment",
+        "hpsv2", "vqa_score", "remote",
     }
     assert builtins <= set(list_rewards())
     assert isinstance(get_reward("jpeg_compressibility"), JpegCompressibility)
     assert get_reward("jpeg_incompressibility", quality=80).quality == 80
-    # the CLIP scorers (which check at construction that their model can be found) are in test_rewards_clip.py
+    # the model-based scorers (which check at construction that their model can be found) and the remote client
+    # (which checks that its server answers) are tested in test_rewards_clip/hps/vqa/remote.py
 
 
 def test_module_function_and_class():

@@ -4,7 +4,7 @@
 `(B,)` tensor on the images' device. Scorers with several parts return a metadata dict with a
 `"components"` entry (`{part: float32 (B,) tensor}`), which the trainer logs as `reward/<part>`.
 
-The CLIP scorers (and transformers) are imported only when first used, so importing this package is cheap.
+The model-based scorers (and transformers) are imported only when first used, so importing this package is cheap.
 """
 
 from .registry import get_reward, list_rewards, register_reward
@@ -16,6 +16,12 @@ _LAZY = {
     "AestheticScorer": "b2trl.rewards.clip",
     "CLIPScore": "b2trl.rewards.clip",
     "PickScore": "b2trl.rewards.clip",
+    "HPSv2": "b2trl.rewards.hps",
+    "VQAScore": "b2trl.rewards.vqa",
+    "RemoteReward": "b2trl.rewards.remote",
+    "RemoteRewardError": "b2trl.rewards.remote",
+    "RemoteRewardTimeout": "b2trl.rewards.remote",
+    "RemoteRewardUnreachable": "b2trl.rewards.remote",
     "RewardModelNotFoundError": "b2trl.rewards.base",
 }
 

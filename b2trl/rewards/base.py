@@ -189,6 +189,30 @@ def hub_loading(name_or_path: str, argument: str = "model_name_or_path"):
         raise RewardModelNotFoundError(f"{offline_hint(name_or_path, argument)} Original error: {err}") from err
 
 
+def resolve_weights_file(name_or_path: str, filename: str, argument: str, filename_argument: str) -> str:
+    """Path of a single weights file given as the file itself, a local folder holding `filename`, or a Hub repo id
+    (downloaded, or taken from the cache).
+
+    Raises:
+        [`RewardModelNotFoundError`]: a folder without `filename`, or a Hub repo that cannot be reached.
+    """
+    location = os.path.expanduser(name_or_path)
+    if os.path.isfile(location):
+        return location
+    if os.path.isdir(location):
+        path = os.path.join(location, filename)
+        if not os.path.isfile(path):
+            raise RewardModelNotFoundError(
+                f"`{argument}`={name_or_path!r} has no {filename!r}; pass the file itself or set "
+                f"`{filename_argument}=`."
+            )
+        return path
+    from huggingface_hub import hf_hub_download
+
+    with hub_loading(name_or_path, argument):
+        return hf_hub_download(name_or_path, filename)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CLIP image preprocessing in torch.
 # ---------------------------------------------------------------------------------------------------------

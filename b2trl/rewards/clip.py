@@ -14,12 +14,12 @@ from torch import nn
 
 from .base import (
     ClipImageSpec,
-    RewardModelNotFoundError,
     check_model_available,
     check_reward_inputs,
     clip_preprocess,
     hub_loading,
     read_processor_config,
+    resolve_weights_file,
 )
 
 AESTHETIC_CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -115,11 +115,8 @@ class ClipRewardBase:
             self._model_device = device
 
     def _load(self, device: torch.device) -> None:
-        from transformers import CLIPModel
-
         dtype = self.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        with hub_loading(self.model_name_or_path, "model_name_or_path"):
-            model = CLIPModel.from_pretrained(self.model_name_or_path, dtype=dtype)
+        model = self._load_model(dtype)
         model.requires_grad_(False).eval().to(device)
         config = read_processor_config(self.processor_name_or_path)
         self.image_spec = ClipImageSpec.from_processor_config(config, model.config.vision_config.image_size)
@@ -130,6 +127,13 @@ class ClipRewardBase:
                 self.tokenizer = AutoTokenizer.from_pretrained(self.processor_name_or_path)
         self._load_extra(model, device)
         self.model = model  # set last: other threads test it without the lock
+
+    def _load_model(self, dtype: torch.dtype):
+        """The transformers `CLIPModel` in `dtype`, on the CPU; subclasses with other weight formats override it."""
+        from transformers import CLIPModel
+
+        with hub_loading(self.model_name_or_path, "model_name_or_path"):
+            return CLIPModel.from_pretrained(self.model_name_or_path, dtype=dtype)
 
     def _load_extra(self, model, device: torch.device) -> None:
         """Hook for subclasses that need more than the CLIP model."""
@@ -288,21 +292,7 @@ class AestheticScorer(ClipRewardBase):
         check_model_available(self.head_name_or_path, "head_name_or_path")
 
     def _head_file(self) -> str:
-        location = os.path.expanduser(self.head_name_or_path)
-        if os.path.isfile(location):
-            return location
-        if os.path.isdir(location):
-            path = os.path.join(location, self.head_filename)
-            if not os.path.isfile(path):
-                raise RewardModelNotFoundError(
-                    f"`head_name_or_path`={self.head_name_or_path!r} has no {self.head_filename!r}; "
-                    "pass the file itself or set `head_filename=`."
-                )
-            return path
-        from huggingface_hub import hf_hub_download
-
-        with hub_loading(self.head_name_or_path, "head_name_or_path"):
-            return hf_hub_download(self.head_name_or_path, self.head_filename)
+        return resolve_weights_file(self.head_name_or_path, self.head_filename, "head_name_or_path", "head_filename")
 
     def _load_extra(self, model, device):
         input_dim = model.config.projection_dim

@@ -18,6 +18,9 @@ _BUILTINS: dict[str, str] = {
     "aesthetic": "b2trl.rewards.clip:AestheticScorer",
     "clip_score": "b2trl.rewards.clip:CLIPScore",
     "pickscore": "b2trl.rewards.clip:PickScore",
+    "hpsv2": "b2trl.rewards.hps:HPSv2",
+    "vqa_score": "b2trl.rewards.vqa:VQAScore",
+    "remote": "b2trl.rewards.remote:RemoteReward",
     "toy_alignment": "b2trl.toy:alignment_reward",
 }
 
@@ -86,11 +89,13 @@ def get_reward(name: str | Callable, **kwargs) -> Callable:
     Args:
         name (`str` or callable):
             a name from [`list_rewards`] (`"jpeg_compressibility"`, `"jpeg_incompressibility"`, `"aesthetic"`,
-            `"clip_score"`, `"pickscore"`, `"toy_alignment"` or one added with [`register_reward`]), or
+            `"clip_score"`, `"pickscore"`, `"hpsv2"`, `"vqa_score"`, `"remote"`, `"toy_alignment"` or one added
+            with [`register_reward`]), or
             `"package.module:attribute"` for your own code. A callable is returned unchanged.
         **kwargs:
             if the target is a class, it is instantiated with them (e.g. `model_name_or_path=`, `device=`,
-            `dtype=` for the CLIP scorers); if it is a function, they are bound with `functools.partial`.
+            `dtype=` for the model-based scorers, `url=` for `"remote"`); if it is a function, they are bound with
+            `functools.partial`.
 
     Raises:
         `ValueError`: unknown name (the message lists the known ones) or a `module:attribute` that cannot be
