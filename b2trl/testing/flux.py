@@ -138,8 +138,9 @@ def build_flux_pipeline(resolution: int = 1024, tiny_width: bool = False, seed: 
 
     Args:
         resolution (`int`, *optional*, defaults to `1024`):
-            image side in pixels, a multiple of 16 (8x VAE, then 2x2 packing). ``FluxPipeline`` itself samples
-            1024 when not told the size; pass the same value as the trainer's ``resolution``.
+            image side in pixels, a multiple of 16 (8x VAE, then 2x2 packing): the pipeline's
+            ``default_sample_size`` is set to it (an attribute, not saved by ``save_pretrained``; a loaded
+            ``FluxPipeline`` samples 1024 unless told otherwise, so pass it as the trainer's ``resolution``).
         tiny_width (`bool`, *optional*, defaults to `False`):
             Keep the layout (double- and single-stream blocks with rotary axes, a guidance embedding, a CLIP text
             model, a gated-GELU T5, a 4-level 16-channel VAE) at narrow widths and few layers, so that the same
@@ -200,7 +201,7 @@ def build_flux_pipeline(resolution: int = 1024, tiny_width: bool = False, seed: 
     )
     with torch.device("cpu"):  # the scheduler keeps its sigmas on the CPU, which a meta-device build cannot copy to
         scheduler = _scheduler(not schnell)
-    return FluxPipeline(
+    pipe = FluxPipeline(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -209,3 +210,6 @@ def build_flux_pipeline(resolution: int = 1024, tiny_width: bool = False, seed: 
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
+    # the pipeline's (and the FLUX family's) default size: the built resolution, as the SD builders' sample_size
+    pipe.default_sample_size = resolution // pipe.vae_scale_factor
+    return pipe
