@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from b2trl import batching
-from b2trl.models import Conditioning, FluxFamily
+from b2trl.models import Conditioning, FluxFamily, family_for_class
 from b2trl.models.flux import image_ids, pack_latents, t5_sequence_length, unpack_latents
 from b2trl.rollout import branch_rollout
 from b2trl.samplers import FlowSDESampler
@@ -96,6 +96,10 @@ def test_load_pipeline_picks_flux_and_encodes_prompts_as_diffusers_does(flux_dir
     sampler = family.make_sampler(config)
     assert isinstance(sampler, FlowSDESampler) and sampler.noise_level == 0.9
     assert not family.uses_guidance(config)  # the guidance is the transformer's input, whatever train_cfg says
+    suggested = small_config(**FluxFamily.suggested_settings)  # real config fields, valid together
+    assert (suggested.noise_level, suggested.sample_guidance_scale, suggested.mixed_precision) == (0.9, 3.5, "bf16")
+    with pytest.raises(ValueError, match="b2trl trains .*FluxPipeline"):
+        family_for_class("FluxKontextPipeline")  # an edit pipeline is not a FluxPipeline
 
     with torch.no_grad():
         cond = family.encode_prompts(pipe, PROMPTS, "cpu")

@@ -5,7 +5,7 @@ sampling and training run one row per sample, with no unconditional half. The sc
 (`sample_guidance_scale`) is stored in every row's conditioning (``cond["guidance"]``), so training evaluates the
 policy exactly as it sampled. FLUX.1-schnell has no guidance embedding and takes no guidance at all.
 
-Latents are kept unpacked, ``(B, 16, h, w)``, as the VAE and the rest of b2trl see them; [`FluxFamily.forward`]
+Latents are kept unpacked, ``(B, 16, h, w)``, as the VAE and the rest of b2trl see them; `FluxFamily.forward`
 packs them into the transformer's ``(B, (h/2)(w/2), 64)`` sequence of 2x2 patches and unpacks its prediction. The
 flow-matching step is elementwise and its log-probability a mean over the latent's values, so the layout changes
 neither, and the image position ids follow from ``h`` and ``w`` (non-square images included).
@@ -72,7 +72,7 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of [`pack_latents`] for latents of `height` x `width` values."""
+    """The inverse of `pack_latents` for latents of `height` x `width` values."""
     b, _, channels = packed.shape
     patches = packed.reshape(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return patches.reshape(b, channels // 4, height, width)
@@ -173,10 +173,10 @@ class FluxFamily(ModelFamily):
 
     def encode_prompts(self, pipe, prompts, device, image_size=None):
         """
-        ``encoder_hidden_states``: T5's last hidden states, padded to [`t5_sequence_length`];
+        ``encoder_hidden_states``: T5's last hidden states, padded to `t5_sequence_length`;
         ``pooled_projections``: CLIP's pooled output. The same tensors as `FluxPipeline.encode_prompt` with
-        ``max_sequence_length`` set to [`t5_sequence_length`] (its ``text_ids`` are zeros, made in
-        [`FluxFamily.forward`]).
+        ``max_sequence_length`` set to `t5_sequence_length` (its ``text_ids`` are zeros, made in
+        `FluxFamily.forward`).
         """
         prompts = list(prompts)
         clip_ids = token_ids(pipe.tokenizer, prompts, device, pipe.tokenizer_max_length)
@@ -264,7 +264,7 @@ class FluxFamily(ModelFamily):
 
     def encode_images(self, pipe, images: torch.Tensor, generator=None) -> torch.Tensor:
         """Latents of `images` in ``[0, 1]`` as the transformer sees them (unpacked): ``(x − shift_factor) ·
-        scaling_factor`` of a draw from the VAE's posterior (the inverse of [`FluxFamily.decode`])."""
+        scaling_factor`` of a draw from the VAE's posterior (the inverse of `FluxFamily.decode`)."""
         vae = pipe.vae
         latents = vae.encode(images.to(vae.dtype) * 2 - 1).latent_dist.sample(generator)
         return (latents - vae.config.shift_factor) * vae.config.scaling_factor
