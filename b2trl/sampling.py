@@ -31,6 +31,10 @@ class StageSampling:
             cond = self.family.encode_prompts(
                 self.sd_pipeline.sd_pipeline, list(prompts), self.accelerator.device, self.image_size
             )
+            # per-row inputs set by the config (FLUX.1-dev's guidance), stored with the samples like the prompt's
+            cond.update(self.family.sampling_inputs(
+                self.sd_pipeline.sd_pipeline, self.config, len(prompts), self.accelerator.device
+            ))
         return Conditioning.from_rows({f"cond.{k}": v for k, v in cond.items()}, self.negative_conditioning)
 
     def _rollouts(self, iterations: int, batch_size: int, first_step: int, end_step: Optional[int]):

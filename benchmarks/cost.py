@@ -39,6 +39,9 @@ Usage:
     python benchmarks/cost.py --sd3-random --methods b2 plain --out cost_sd3.json
         # GPU: SD3.5-Medium-shaped pipeline with random weights, 1024 px (B² against plain diffusers SD3 sampling;
         # --no-t5 builds it without the T5 encoder)
+    python benchmarks/cost.py --flux-random --methods b2 plain --out cost_flux.json
+        # GPU: FLUX.1-dev-shaped pipeline with random weights, 1024 px, bf16, guidance 3.5 (B² against plain
+        # diffusers FLUX sampling; one denoiser row per image, no classifier-free guidance)
 
 Numbers measured on a shared CPU are noisy: compare ratios measured in one run, not numbers across runs.
 """
@@ -75,18 +78,21 @@ def parse_args(argv):
     model.add_argument("--sd3-random", action="store_true",
                        help="SD3.5-Medium-shaped pipeline built from configs with random weights (B² and plain only: "
                        "TRL's DDPO pipeline is SD1.x only)")
+    model.add_argument("--flux-random", action="store_true",
+                       help="FLUX.1-dev-shaped pipeline built from configs with random weights (B² and plain only; "
+                       "guidance-distilled: one denoiser row per image, bf16 and guidance 3.5 by default)")
     model.add_argument("--no-t5", action="store_true",
                        help="with --sd3-random: build the pipeline without its T5 encoder (zeros in T5's place)")
     model.add_argument("--tiny-width", action="store_true",
-                       help="with --sd15-random/--sdxl-random/--sd3-random: narrow channels and small text encoders, "
-                       "for a CPU smoke test")
+                       help="with --sd15-random/--sdxl-random/--sd3-random/--flux-random: narrow channels and small "
+                       "text encoders, for a CPU smoke test")
     model.add_argument("--resolution", type=int, default=None,
-                       help="image side with --sd15-random (default 512), --sdxl-random or --sd3-random (default "
-                       "1024); a multiple of 8 (of 16 with --sd3-random)")
+                       help="image side with --sd15-random (default 512), --sdxl-random, --sd3-random or "
+                       "--flux-random (default 1024); a multiple of 8 (of 16 with --sd3-random and --flux-random)")
     run = parser.add_argument_group("run")
     run.add_argument("--methods", nargs="*", choices=METHODS, default=["b2", "ddpo"],
                      help="what to measure; 'plain' is the model's own diffusers pipeline (StableDiffusionPipeline, "
-                     "...XLPipeline or StableDiffusion3Pipeline) at --plain-batch-size")
+                     "...XLPipeline, StableDiffusion3Pipeline or FluxPipeline) at --plain-batch-size")
     run.add_argument("--num-steps", type=int, default=20, help="sampling steps T (DDIM, or SD3's flow steps)")
     run.add_argument("--interval", type=int, default=14, help="B² interval length L (branch point T - L)")
     run.add_argument("--prompts", type=int, default=8, help="prompts per sampling batch (both methods)")
@@ -100,14 +106,16 @@ def parse_args(argv):
     run.add_argument("--timesteps-per-forward", type=int, default=None,
                      help="B²'s train_timesteps_per_forward: interval steps stacked into one training UNet call "
                      "(default: the config's default)")
-    run.add_argument("--guidance-scale", type=float, default=5.0)
+    run.add_argument("--guidance-scale", type=float, default=None,
+                     help="classifier-free guidance scale (default 5.0), or FLUX.1-dev's embedded guidance (3.5)")
     run.add_argument("--reward", choices=["auto", "toy_alignment", "brightness", "random"], default="auto",
                      help="auto: toy_alignment on the toy model, random (seeded scores) with a random-weights model")
     run.add_argument("--repeats", type=int, default=1,
                      help="stages/epochs run per method; the last one is reported (earlier ones warm up)")
     run.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     run.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
-                     help="auto: fp16 on CUDA, no on CPU")
+                     help="auto: fp16 on CUDA (bf16 with --flux-random: FLUX does not produce valid images in fp16), "
+                     "no on CPU")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--in-process", action="store_true",
@@ -124,25 +132,31 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 1 <= args.interval <= args.num_steps:
         parser.error(f"--interval must be in [1, --num-steps], got {args.interval}")
-    if args.sd15_random + args.sdxl_random + args.sd3_random > 1:
-        parser.error("give at most one of --sd15-random, --sdxl-random and --sd3-random")
-    for flag, given in (("--sdxl-random", args.sdxl_random), ("--sd3-random", args.sd3_random)):
+    if args.sd15_random + args.sdxl_random + args.sd3_random + args.flux_random > 1:
+        parser.error("give at most one of --sd15-random, --sdxl-random, --sd3-random and --flux-random")
+    for flag, given in (("--sdxl-random", args.sdxl_random), ("--sd3-random", args.sd3_random),
+                        ("--flux-random", args.flux_random)):
         if given and "ddpo" in (args.methods or []):
             parser.error(f"{flag} measures b2, b2_dpo and plain: TRL's DDPO pipeline loads SD1.x only "
                          "(pass e.g. --methods b2 plain)")
     if args.no_t5 and not args.sd3_random:
         parser.error("--no-t5 goes with --sd3-random")
-    args.random_model = args.sd15_random or args.sdxl_random or args.sd3_random
+    args.random_model = args.sd15_random or args.sdxl_random or args.sd3_random or args.flux_random
+    # classifier-free guidance doubles every denoiser row; FLUX.1-dev's guidance is an input of one row
+    args.cfg_rows = 1 if args.flux_random else 2
+    if args.guidance_scale is None:
+        args.guidance_scale = 3.5 if args.flux_random else 5.0
     if args.resolution is None:
-        args.resolution = 1024 if args.sdxl_random or args.sd3_random else 512
+        args.resolution = 1024 if args.sdxl_random or args.sd3_random or args.flux_random else 512
     if args.random_model and args.resolution % 8:
         parser.error("--resolution must be a multiple of 8")
-    if args.sd3_random and args.resolution % 16:
-        parser.error("--resolution must be a multiple of 16 with --sd3-random (8x VAE, then 2x2 patches)")
+    for flag, given in (("--sd3-random", args.sd3_random), ("--flux-random", args.flux_random)):
+        if given and args.resolution % 16:
+            parser.error(f"--resolution must be a multiple of 16 with {flag} (8x VAE, then 2x2 patches)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mixed_precision == "auto":
-        args.mixed_precision = "fp16" if args.device == "cuda" else "no"
+        args.mixed_precision = ("bf16" if args.flux_random else "fp16") if args.device == "cuda" else "no"
     if args.optimisations == []:
         args.optimisations = list(OPTIMISATIONS[:3])
     if args.reward == "auto":

@@ -1,6 +1,6 @@
 """The cost benchmark's measurements: the two trainers as `cost.py` configures them, and one step of each (or of
-plain diffusers sampling) with its denoiser rows (the UNet's, or SD3's transformer's), VAE decode rows, phase times
-and peak memory."""
+plain diffusers sampling) with its denoiser rows (the UNet's, or SD3's or FLUX's transformer's), VAE decode rows,
+phase times and peak memory."""
 
 from __future__ import annotations
 
@@ -25,17 +25,24 @@ PHASE_KEYS = {"sampling": "sampling", "rewards": "reward", "training": "training
 
 
 def model_pipeline(args):
-    """The model both trainers start from (LoRA rank 4 on the attention projections): the toy model, or with
-    `--sd15-random` / `--sdxl-random` / `--sd3-random` an SD1.5-, SDXL- or SD3.5-Medium-shaped pipeline with random
-    weights."""
+    """The model both trainers start from (LoRA rank 4 on the family's usual target modules): the toy model, or
+    with `--sd15-random` / `--sdxl-random` / `--sd3-random` / `--flux-random` an SD1.5-, SDXL-, SD3.5-Medium- or
+    FLUX.1-dev-shaped pipeline with random weights."""
     if args.random_model:
         from b2trl.models import wrap_pipeline
-        from b2trl.testing import build_sd15_pipeline, build_sd35_medium_pipeline, build_sdxl_pipeline
+        from b2trl.testing import (
+            build_flux_pipeline,
+            build_sd15_pipeline,
+            build_sd35_medium_pipeline,
+            build_sdxl_pipeline,
+        )
 
         with torch.device(args.device):  # initialising billions of random weights is seconds faster on a GPU
             if getattr(args, "sd3_random", False):
                 pipeline = build_sd35_medium_pipeline(args.resolution, args.tiny_width, args.seed,
                                                       with_t5=not args.no_t5)
+            elif getattr(args, "flux_random", False):
+                pipeline = build_flux_pipeline(args.resolution, args.tiny_width, args.seed)
             else:
                 build = build_sdxl_pipeline if args.sdxl_random else build_sd15_pipeline
                 pipeline = build(args.resolution, args.tiny_width, args.seed)
@@ -82,6 +89,8 @@ def build_b2_trainer(args, logdir, loss_type: str = "ppo"):
         save_freq=0,
         logdir=logdir,
         seed=args.seed,
+        # the built size (FLUX's pipeline does not record it: its own default is 1024 px)
+        resolution=args.resolution if args.random_model else None,
     )
     return B2DiffuRLTrainer(config, make_reward(args), make_prompt_fn(args), model_pipeline(args))
 
@@ -190,17 +199,31 @@ class CostMeter:
             handle.remove()
 
 
-def warm_up(pipeline, conditioning: dict, sampling_rows, training_rows, autocast):
+def one_row_conditioning(family, pipe, args, image_size) -> dict:
+    """The denoiser's conditioning tensors for one row, for warming up: the unconditional half's for a family that
+    runs classifier-free guidance, else an empty prompt's with the run's per-row inputs (FLUX.1's guidance)."""
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(train_cfg=True, sample_guidance_scale=args.guidance_scale)
+    if family.uses_guidance(settings):
+        return family.encode_negative(pipe, "", args.device, image_size)
+    cond = family.encode_prompts(pipe, [""], args.device, image_size)
+    cond.update(family.sampling_inputs(pipe, settings, 1, args.device))
+    return cond
+
+
+def warm_up(pipeline, conditioning: dict, sampling_rows, training_rows, autocast, image_size=None):
     """
     First calls allocate memory and pick kernels; make them before anything is timed (weights unchanged).
-    `conditioning` holds the denoiser's conditioning tensors for one row, expanded to each call's rows.
+    `conditioning` holds the denoiser's conditioning tensors for one row, expanded to each call's rows; images are
+    `image_size` (the model's own size by default).
     """
     from b2trl.models import family_for_pipeline
 
     family = family_for_pipeline(pipeline)
     denoiser = getattr(pipeline, family.denoiser_name)
     device = next(iter(conditioning.values())).device
-    image_size = family.image_size(pipeline)
+    image_size = image_size or family.image_size(pipeline)
 
     def inputs(rows):
         latents = torch.randn(family.latent_shape(pipeline, rows, image_size), device=device, dtype=denoiser.dtype)
@@ -228,17 +251,21 @@ def measure_method(method: str, args) -> dict:
     if method == "plain":
         return measure_plain(args)
     with tempfile.TemporaryDirectory() as logdir:
+        g = args.cfg_rows
         if method in ("b2", "b2_dpo"):
             trainer = build_b2_trainer(args, logdir, loss_type="dpo" if method == "b2_dpo" else "ppo")
-            negative = trainer.negative_conditioning
+            # the unconditional half (CFG), or a prompt's own row with its guidance value (FLUX.1)
+            one_row = trainer.negative_conditioning or dict(trainer.encode([""]).cond)
             b = args.num_steps - args.interval
-            sampling_rows = [2 * args.prompts] * (b > 0) + [2 * args.prompts * args.branches]
+            sampling_rows = [g * args.prompts] * (b > 0) + [g * args.prompts * args.branches]
+            image_size = trainer.image_size
         else:
             trainer = build_ddpo_trainer(args, logdir)
-            negative = {"encoder_hidden_states": trainer.neg_prompt_embed}
-            sampling_rows = [2 * args.ddpo_sample_batch_size]
+            one_row = {"encoder_hidden_states": trainer.neg_prompt_embed}
+            sampling_rows = [g * args.ddpo_sample_batch_size]
+            image_size = None
         pipeline = trainer.sd_pipeline
-        warm_up(pipeline, negative, sampling_rows, 2 * args.train_batch_size, trainer.autocast)
+        warm_up(pipeline, one_row, sampling_rows, g * args.train_batch_size, trainer.autocast, image_size)
         meter = CostMeter(pipeline.denoiser, pipeline.vae, args.device)
         common.run_in_phases(trainer, meter.phase)
         global_step = 0
@@ -275,10 +302,10 @@ def measure_method(method: str, args) -> dict:
 
 
 def measure_plain(args) -> dict:
-    """The model's own diffusers pipeline call (`StableDiffusionPipeline`, `StableDiffusionXLPipeline` or
-    `StableDiffusion3Pipeline`, no log-probs), for a same-run anchor. It samples as training does: DDIM with eta 1.0
-    for the SD families; SD3's flow steps with T5 padded to the length the SD3 family uses
-    (``tokenizer_3.model_max_length``)."""
+    """The model's own diffusers pipeline call (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
+    `StableDiffusion3Pipeline` or `FluxPipeline`, no log-probs), for a same-run anchor. It samples as training does:
+    DDIM with eta 1.0 for the SD families; SD3's and FLUX's flow steps with T5 padded to the length their family uses
+    (the T5 tokenizer's ``model_max_length``); FLUX with its embedded guidance, one row per image."""
     import inspect
 
     from b2trl.models import family_for_pipeline
@@ -292,22 +319,30 @@ def measure_plain(args) -> dict:
     batch = args.plain_batch_size
     images = args.prompts * args.branches * args.batches
     prompts = [ANIMAL_ACTIVITY_PROMPTS[i % len(ANIMAL_ACTIVITY_PROMPTS)] for i in range(batch)]
-    # DDIM's eta for the SD families, SD3's max_sequence_length (the T5 length) for the flow family
+    # DDIM's eta for the SD families, the T5 length (max_sequence_length) for the flow families
     sampling = family.pipeline_call_kwargs(sd, eta=1.0)
     call = dict(num_inference_steps=args.num_steps, guidance_scale=args.guidance_scale, output_type="pt", **sampling)
-    encode = dict(device=args.device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+    image_size = family.image_size(sd, args.resolution if args.random_model else None)
+    if args.random_model:
+        call.update(height=image_size[0], width=image_size[1])
+    encode = dict(device=args.device, num_images_per_prompt=1)
     accepted = inspect.signature(sd.encode_prompt).parameters
+    if "do_classifier_free_guidance" in accepted:
+        encode["do_classifier_free_guidance"] = True
     # SDXL's and SD3's second and third prompts default to the first; SD3 takes them as required arguments
     encode.update({name: None for name in ("prompt_2", "prompt_3") if name in accepted})
     if "max_sequence_length" in accepted and "max_sequence_length" in sampling:
         encode["max_sequence_length"] = sampling["max_sequence_length"]
     with torch.no_grad():
         encoded = sd.encode_prompt(prompts, **encode)
-        # SD1.x returns the prompt and negative embeddings; SDXL and SD3 also their pooled projections
+        # SD1.x returns the prompt and negative embeddings; SDXL and SD3 also their pooled projections; FLUX (no
+        # classifier-free guidance) its T5 and pooled CLIP embeddings, then its text ids
         names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        if "do_classifier_free_guidance" not in accepted:
+            names = ("prompt_embeds", "pooled_prompt_embeds")
         embeds = dict(zip(names, encoded))
-        negative = family.encode_negative(sd, "", args.device, family.image_size(sd))
-    warm_up(pipeline, negative, [2 * batch], None, contextlib.nullcontext)
+        one_row = one_row_conditioning(family, sd, args, image_size)
+    warm_up(pipeline, one_row, [args.cfg_rows * batch], None, contextlib.nullcontext, image_size)
     meter = CostMeter(getattr(sd, family.denoiser_name), sd.vae, args.device)
     try:
         with meter.phase("step"), meter.phase("sampling"), torch.no_grad():
@@ -355,12 +390,13 @@ def derive_rates(result: dict) -> dict:
 
 def expected_unet_rows(args) -> dict:
     """Denoiser rows the two methods must run, from the settings alone (CFG doubles every row, for the UNet and for
-    SD3's transformer alike)."""
+    SD3's transformer alike; FLUX.1's guidance is an input of a single row)."""
     images = args.prompts * args.branches * args.batches
     prefix = args.num_steps - args.interval
+    g = args.cfg_rows
     return {
-        "b2_sampling": 2 * args.batches * (args.prompts * prefix + args.prompts * args.branches * args.interval),
-        "ddpo_sampling": 2 * images * args.num_steps,
-        "ddpo_training": 2 * images * args.num_steps * args.inner_epochs,
-        # B²'s training rows depend on how many samples the selection kept: 2 * kept * L * inner epochs
+        "b2_sampling": g * args.batches * (args.prompts * prefix + args.prompts * args.branches * args.interval),
+        "ddpo_sampling": g * images * args.num_steps,
+        "ddpo_training": g * images * args.num_steps * args.inner_epochs,
+        # B²'s training rows depend on how many samples the selection kept: g * kept * L * inner epochs
     }

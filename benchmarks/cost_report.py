@@ -177,13 +177,14 @@ def build_report(args, methods: dict, optimisations=None) -> dict:
     if "b2" in methods:
         checks["b2_sampling_rows"] = (methods["b2"]["unet_rows"]["sampling"], expected["b2_sampling"])
         b2 = methods["b2"]
-        checks["b2_training_rows"] = (b2["unet_rows"]["training"], 2 * b2["transitions_trained"])
+        checks["b2_training_rows"] = (b2["unet_rows"]["training"], args.cfg_rows * b2["transitions_trained"])
     if "b2_dpo" in methods:
         dpo = methods["b2_dpo"]
         checks["b2_dpo_sampling_rows"] = (dpo["unet_rows"]["sampling"], expected["b2_sampling"])
         # the policy's rows plus one reference row per kept transition (CFG doubles both)
-        reference_rows = 2 * dpo["samples_kept"] * dpo["interval_length"]
-        checks["b2_dpo_training_rows"] = (dpo["unet_rows"]["training"], 2 * dpo["transitions_trained"] + reference_rows)
+        reference_rows = args.cfg_rows * dpo["samples_kept"] * dpo["interval_length"]
+        checks["b2_dpo_training_rows"] = (dpo["unet_rows"]["training"],
+                                          args.cfg_rows * dpo["transitions_trained"] + reference_rows)
     if "ddpo" in methods:
         checks["ddpo_sampling_rows"] = (methods["ddpo"]["unet_rows"]["sampling"], expected["ddpo_sampling"])
         checks["ddpo_training_rows"] = (methods["ddpo"]["unet_rows"]["training"], expected["ddpo_training"])

@@ -4,8 +4,9 @@
 # DDPO epoch and plain diffusers at the same image count, then the speed options (interval-step stacking,
 # SDPA, channels-last), then torch.compile if time is left, then an SDXL-shaped pipeline (1024 px, random
 # weights): one B² stage against plain diffusers SDXL sampling, then an SD3.5-Medium-shaped one (1024 px, random
-# weights, T5 included, bf16, fewer images and steps): one B² stage against plain diffusers SD3 sampling. Results
-# are JSON under $OUT.
+# weights, T5 included, bf16, fewer images and steps): one B² stage against plain diffusers SD3 sampling, then a
+# FLUX.1-dev-shaped one (512 px, random weights, T5 included, bf16, guidance 3.5, one row per image): one B² stage
+# against plain diffusers FLUX sampling. Results are JSON under $OUT.
 #
 # Prepare once, on a machine with network access, in the repository root (the GPU machine has torch,
 # transformers, accelerate and peft, but not diffusers, trl or datasets):
@@ -15,7 +16,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl trl==0.23.1 diffusers==0.42.1 datasets==5.2.0 dill multiprocess importlib_metadata
 #
-# then run `bash benchmarks/gpu_check.sh` there with .whl alongside (about 10 minutes; each step has its own
+# then run `bash benchmarks/gpu_check.sh` there with .whl alongside (about 13 minutes; each step has its own
 # time limit, so a slow step cannot starve the others). GPU_CHECK_TINY=1 runs the same steps at a tiny
 # size, to try the script on a CPU first.
 set -u
@@ -37,9 +38,14 @@ COMPILE='{}'
 # 7.9 B random weights (T5 included) and the measurements fit the step's limit; bf16, the model's own precision
 SD3_SIZE=(--num-steps 8 --interval 4 --prompts 2 --branches 4 --train-batch-size 2 --timesteps-per-forward 1
   --plain-batch-size 8 --mixed-precision bf16)
+# FLUX.1-dev at 512 px (Flow-GRPO's training size): its 16.9 B random weights (11.9 B transformer, T5 included)
+# are built twice as well; 8 images, 6 steps (Flow-GRPO's), interval 3; bf16 (FLUX gives no valid images in fp16)
+FLUX_SIZE=(--resolution 512 --num-steps 6 --interval 3 --prompts 2 --branches 4 --train-batch-size 2
+  --timesteps-per-forward 1 --plain-batch-size 8 --mixed-precision bf16)
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   SIZE=(--tiny-width --resolution 64 --num-steps 4 --interval 2 --prompts 2 --branches 3 --train-batch-size 2)
   SD3_SIZE=()
+  FLUX_SIZE=()
   COMPILE='{"backend": "eager"}'
 fi
 
@@ -67,4 +73,5 @@ step optimisations 100 --sd15-random --methods --optimisations stacking sdpa cha
 step compile 100 --sd15-random --methods --optimisations compile --opt-repeats 2 --compile-kwargs "$COMPILE"
 step sdxl 170 --sdxl-random --methods b2 plain
 step sd3 100 --sd3-random --methods b2 plain "${SD3_SIZE[@]}"
+step flux 200 --flux-random --methods b2 plain "${FLUX_SIZE[@]}"
 echo "done; results in $OUT"

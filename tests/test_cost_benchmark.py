@@ -203,3 +203,73 @@ def test_sd35_medium_shaped_pipeline_has_its_published_sizes():
     assert len(pipe.tokenizer_3) <= pipe.text_encoder_3.config.vocab_size == 32128
     assert pipe.tokenizer_3.model_max_length == 256 and pipe.scheduler.config.shift == 3.0
     assert without_t5.text_encoder_3 is None and without_t5.tokenizer_3 is None
+
+
+def test_flux_shape_runs_b2_and_plain_flux_sampling_one_row_per_image(cost, capsys, monkeypatch):
+    from diffusers import FluxPipeline
+
+    args = cost.parse_args(["--flux-random", "--methods", "b2", "plain"])
+    assert args.resolution == 1024 and args.reward == "random" and args.random_model
+    assert args.cfg_rows == 1 and args.guidance_scale == 3.5  # FLUX.1-dev's embedded guidance, no CFG
+    assert cost.parse_args(["--sd3-random", "--methods", "b2"]).cfg_rows == 2
+    with pytest.raises(SystemExit):
+        cost.parse_args(["--flux-random"])  # the default methods include TRL's DDPO
+    assert "--flux-random measures b2, b2_dpo and plain" in capsys.readouterr().err
+    for wrong in (["--flux-random", "--sd3-random"], ["--flux-random", "--resolution", "72"]):
+        with pytest.raises(SystemExit):
+            cost.parse_args(wrong + ["--methods", "b2"])
+
+    calls = []
+    call = FluxPipeline.__call__
+
+    def recorded(self, *a, **kwargs):
+        calls.append(kwargs)
+        return call(self, *a, **kwargs)
+
+    monkeypatch.setattr(FluxPipeline, "__call__", recorded)
+    report = cost.main(TINY + ["--flux-random", "--tiny-width", "--resolution", "64", "--methods", "b2", "plain",
+                               "--plain-batch-size", "4"])
+    b2, plain = report["methods"]["b2"], report["methods"]["plain"]
+    T, L, B, N = 4, 2, 2, 3
+    # one transformer row per image and step (the guidance is an input, not a second half); one call per step
+    assert b2["unet_rows"]["sampling"] == B * (T - L) + B * N * L == 16
+    assert b2["unet_calls"]["sampling"] == T
+    assert b2["unet_rows"]["training"] == b2["samples_kept"] * L > 0
+    assert b2["vae_decode_rows"] == 6
+    assert all(check["ok"] for check in report["checks"].values()) and len(report["checks"]) == 2
+    # plain diffusers FLUX sampling: two batches of 4 at the built size, T5 padded as the FLUX family pads it
+    assert plain["images"] == 8 and plain["unet_rows"]["sampling"] == 8 * T and plain["vae_decode_rows"] == 8
+    assert len(calls) == 2
+    assert all(kw["max_sequence_length"] == 16 and kw["guidance_scale"] == 3.5 and kw["height"] == kw["width"] == 64
+               and "eta" not in kw for kw in calls)
+
+
+def test_flux_dev_shaped_pipeline_has_its_published_sizes():
+    from b2trl.testing import build_flux_pipeline
+
+    with torch.device("meta"):  # the architecture without allocating 17 B parameters
+        dev = build_flux_pipeline()
+        schnell = build_flux_pipeline(512, schnell=True)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert count(dev.transformer) == 11_901_408_320  # FLUX.1-dev's "12 B" transformer
+    assert count(dev.transformer) - count(schnell.transformer) == 10_229_760  # schnell: no guidance embedding
+    assert count(dev.text_encoder_2) == 4_762_310_656  # T5 v1.1 XXL's encoder
+    assert count(dev.text_encoder) == 123_060_480 and count(dev.vae) == 83_819_683
+    config = dev.transformer.config
+    assert (config.num_layers, config.num_single_layers, config.num_attention_heads, config.attention_head_dim) == (
+        19, 38, 24, 128)
+    assert config.in_channels == 64 and config.joint_attention_dim == 4096 and config.pooled_projection_dim == 768
+    assert config.guidance_embeds and not schnell.transformer.config.guidance_embeds
+    assert tuple(config.axes_dims_rope) == (16, 56, 56)
+    assert dev.vae.config.latent_channels == 16 and dev.vae_scale_factor == 8
+    assert (dev.vae.config.scaling_factor, dev.vae.config.shift_factor) == (0.3611, 0.1159)
+    assert dev.scheduler.config.use_dynamic_shifting and dev.scheduler.config.max_shift == 1.15
+    assert not schnell.scheduler.config.use_dynamic_shifting
+    assert dev.default_sample_size * dev.vae_scale_factor == 1024
+    assert schnell.default_sample_size * schnell.vae_scale_factor == 512
+    assert dev.tokenizer_2.model_max_length == 512 and dev.tokenizer.model_max_length == 77
+    assert len(dev.tokenizer) <= dev.text_encoder.config.vocab_size
+    assert len(dev.tokenizer_2) <= dev.text_encoder_2.config.vocab_size == 32128

@@ -6,6 +6,7 @@ one module here and one entry in ``registry.FAMILIES``.
 """
 
 from .base import Conditioning, ModelFamily
+from .flux import FluxFamily
 from .loading import load_pipeline, wrap_pipeline
 from .pipeline import TrainingPipeline
 from .registry import FAMILIES, family_for_class, family_for_pipeline
@@ -16,6 +17,7 @@ from .sdxl import StableDiffusionXLFamily
 __all__ = [
     "FAMILIES",
     "Conditioning",
+    "FluxFamily",
     "ModelFamily",
     "StableDiffusionFamily",
     "StableDiffusion3Family",

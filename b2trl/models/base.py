@@ -39,7 +39,9 @@ def resolution_shift(scheduler_config, image_seq_len: int, default_max_shift: fl
     base_shift = scheduler_config.get("base_shift", 0.5)
     max_shift = scheduler_config.get("max_shift", default_max_shift)
     slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + base_shift - slope * base_len
+    # the pipelines' order of operations, so that mu (and the schedule) match theirs to the last bit
+    intercept = base_shift - slope * base_len
+    return image_seq_len * slope + intercept
 
 
 @dataclass
@@ -167,6 +169,24 @@ class ModelFamily:
         guidance is an input of the transformer) runs one row per sample instead.
         """
         return bool(config.train_cfg)
+
+    def sampling_inputs(self, pipe, config, batch_size: int, device) -> dict[str, torch.Tensor]:
+        """
+        Per-row denoiser inputs that the run's configuration sets rather than the prompt (FLUX.1-dev's embedded
+        guidance: `sample_guidance_scale` in every row). The trainer adds them to each batch's conditioning, so
+        they are stored with the samples and training uses exactly what sampling used. None by default.
+        """
+        return {}
+
+    def guidance_call_kwargs(self, config) -> dict:
+        """
+        The guidance arguments of the diffusers pipeline's ``__call__`` that sample as the run samples (model-card
+        images, the card's usage snippet): classifier-free guidance at `sample_guidance_scale` with the run's
+        negative prompt when the family runs it ([`ModelFamily.uses_guidance`]), else a scale of 1 (off).
+        """
+        if self.uses_guidance(config):
+            return {"guidance_scale": config.sample_guidance_scale, "negative_prompt": config.negative_prompts or None}
+        return {"guidance_scale": 1.0}
 
     def schedule_kwargs(self, pipe, num_inference_steps: int, image_size: tuple[int, int]) -> dict:
         """

@@ -9,21 +9,26 @@
 - [`build_tiny_sd3_pipeline`], [`build_toy_sd3_components`]: a tiny SD3 pipeline for tests, and the flow toy
   model's architecture, which ``b2trl.toy.pretrain_flow`` trains;
 - [`build_sd35_medium_pipeline`]: Stable Diffusion 3.5 Medium's shape (or its layout at narrow width), for the cost
-  benchmark.
+  benchmark;
+- [`build_tiny_flux_pipeline`], [`build_flux_pipeline`]: a tiny FLUX.1 pipeline for tests, and FLUX.1-dev's (or
+  schnell's) shape for the cost benchmark.
 
 Importing this module imports only torch; diffusers and transformers are imported by the builders.
 """
 
 from .common import assemble_pipeline, char_tokenizer, ddim_scheduler, t5_char_tokenizer, write_char_tokenizer
+from .flux import build_flux_pipeline, build_tiny_flux_pipeline
 from .sd import build_sd15_pipeline, build_tiny_pipeline, build_toy_components
 from .sd3 import build_sd35_medium_pipeline, build_tiny_sd3_pipeline, build_toy_sd3_components
 from .sdxl import build_sdxl_pipeline, build_tiny_sdxl_pipeline, build_tiny_sdxl_vae
 
 __all__ = [
     "assemble_pipeline",
+    "build_flux_pipeline",
     "build_sd15_pipeline",
     "build_sd35_medium_pipeline",
     "build_sdxl_pipeline",
+    "build_tiny_flux_pipeline",
     "build_tiny_pipeline",
     "build_tiny_sd3_pipeline",
     "build_tiny_sdxl_pipeline",

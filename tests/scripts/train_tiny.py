@@ -1,6 +1,7 @@
 """Train the tiny test pipeline in its own process (used by the kill-and-resume and multi-process tests).
 
     python train_tiny.py MODEL_DIR PROJECT_DIR [--epochs N] [--sleep S] [--stats FILE] [--distributed]
+        [--resolution PIXELS]
 """
 
 import argparse
@@ -38,6 +39,8 @@ parser.add_argument("--loss-type", default="ppo", help="B2DiffuRLConfig.loss_typ
 parser.add_argument("--selection-rule", default="best_worst", help="B2DiffuRLConfig.selection_rule")
 parser.add_argument("--advantage-std", default="group", help="B2DiffuRLConfig.advantage_std")
 parser.add_argument("--ema-decay", type=float, default=0.0, help="B2DiffuRLConfig.ema_decay")
+parser.add_argument("--resolution", type=int, default=None,
+                    help="B2DiffuRLConfig.resolution (a FLUX pipeline's own default size is too large for a CPU)")
 parser.add_argument("--plain-ddpo", action="store_true", help="run TRL's DDPOTrainer instead (a control)")
 args = parser.parse_args()
 
@@ -69,6 +72,7 @@ config = small_config(
     selection_rule=args.selection_rule,
     advantage_std=args.advantage_std,
     ema_decay=args.ema_decay,
+    resolution=args.resolution,
 )
 if args.plain_ddpo:
     from trl import DDPOConfig, DDPOTrainer
