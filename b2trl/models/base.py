@@ -39,7 +39,10 @@ def resolution_shift(scheduler_config, image_seq_len: int, default_max_shift: fl
     base_shift = scheduler_config.get("base_shift", 0.5)
     max_shift = scheduler_config.get("max_shift", default_max_shift)
     slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + base_shift - slope * base_len
+    # the intercept first, as diffusers' calculate_shift adds them: the other order differs in the last bit of mu
+    # for many sizes, and the schedule built from it then differs from the pipeline's
+    intercept = base_shift - slope * base_len
+    return image_seq_len * slope + intercept
 
 
 @dataclass
