@@ -127,9 +127,9 @@ def save_samples(
 
 def sample_for_card(pipeline, prompts: Sequence[str], seeds: Sequence[int], config, device=None):
     """
-    A few images with fixed seeds for the model card, sampled as the run's rollout samples (its steps, eta, and
-    classifier-free guidance only with `train_cfg`). Call it before and after training for a comparison on the
-    same noise.
+    A few images with fixed seeds for the model card, sampled as the run's rollout samples (its steps, eta, image
+    size, and classifier-free guidance only with `train_cfg`). Call it before and after training for a comparison
+    on the same noise.
 
     Args:
         pipeline: a diffusers pipeline or a training pipeline holding one as ``sd_pipeline``.
@@ -147,10 +147,17 @@ def sample_for_card(pipeline, prompts: Sequence[str], seeds: Sequence[int], conf
     if device is not None:
         pipe.to(device)
     return generate_images(
-        pipe, prompts, seeds, num_inference_steps=config.sample_num_steps, eta=config.sample_eta,
+        pipeline, prompts, seeds, num_inference_steps=config.sample_num_steps, eta=config.sample_eta,
         guidance_scale=config.sample_guidance_scale if config.train_cfg else 1.0,
         negative_prompt=(config.negative_prompts or None) if config.train_cfg else None,
+        **_size_kwargs(config),
     )
+
+
+def _size_kwargs(config) -> dict:
+    """The pipeline call's image size when the run trained at a `resolution` other than the model's own."""
+    size = getattr(config, "resolution", None)
+    return {} if size is None else {"height": size, "width": size}
 
 
 def reward_evaluation(reward_fn, images: Mapping[str, Any], prompts: Sequence[str], label: str, device=None) -> dict:
@@ -270,8 +277,15 @@ def build_model_card(
                 f'pipe.load_lora_weights("{here}")')
     else:
         load = f'{vae_line}pipe = {pipeline_class}.from_pretrained("{here}"{vae_arg})'
-    # what the pipeline needs to sample as the model was trained (a flow model's T5 length), eta left at default
-    call_kwargs = {} if family is None else family.pipeline_call_kwargs(trainer.sd_pipeline.sd_pipeline)
+    # what the pipeline needs to sample as the model was trained (a flow model's text length, the guidance under
+    # the pipeline's names), eta left at default
+    call_kwargs = {}
+    if family is not None:
+        guided = family.uses_guidance(config)
+        call_kwargs.update(family.pipeline_call_kwargs(trainer.sd_pipeline.sd_pipeline))
+        call_kwargs.update(family.guidance_call_kwargs(config.sample_guidance_scale if guided else 1.0,
+                                                       (config.negative_prompts or None) if guided else None))
+        call_kwargs.update(_size_kwargs(config))
     call_extra = "".join(f", {k}={v!r}" for k, v in call_kwargs.items() if k != "eta")
     sampler = getattr(trainer, "sampler", None)
     sampling = sampler.describe() if sampler is not None else f"DDIM, eta {config.sample_eta}"

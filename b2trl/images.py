@@ -103,9 +103,15 @@ def generate_images(
     """
     from .models import family_for_pipeline
 
+    family = family_for_pipeline(pipeline)  # a training pipeline's own family, which may carry settings
     pipe = getattr(pipeline, "sd_pipeline", pipeline)
-    # DDIM families take eta; a flow family takes its T5 length instead
-    call_kwargs = {**family_for_pipeline(pipe).pipeline_call_kwargs(pipe, eta=eta), **call_kwargs}
+    # DDIM families take eta; a flow family takes its text length instead; guidance under the pipeline's names
+    negative_prompt = call_kwargs.pop("negative_prompt", None)
+    call_kwargs = {
+        **family.pipeline_call_kwargs(pipe, eta=eta),
+        **family.guidance_call_kwargs(guidance_scale, negative_prompt),
+        **call_kwargs,
+    }
     prompts = list(prompts)
     out = []
     for seed in seeds:
@@ -116,7 +122,6 @@ def generate_images(
             images = pipe(
                 chunk,
                 num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
                 generator=gens,
                 output_type="pt",
                 **call_kwargs,
