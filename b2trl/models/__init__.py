@@ -8,6 +8,7 @@ one module here and one entry in ``registry.FAMILIES``.
 from .base import Conditioning, ModelFamily
 from .loading import load_pipeline, wrap_pipeline
 from .pipeline import TrainingPipeline
+from .qwenimage import QwenImageFamily
 from .registry import FAMILIES, family_for_class, family_for_pipeline
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
@@ -17,6 +18,7 @@ __all__ = [
     "FAMILIES",
     "Conditioning",
     "ModelFamily",
+    "QwenImageFamily",
     "StableDiffusionFamily",
     "StableDiffusion3Family",
     "StableDiffusionXLFamily",

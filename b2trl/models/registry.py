@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from .base import ModelFamily
+from .qwenimage import QwenImageFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 
 # a new family is one module in this folder and one entry here
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family())
+FAMILIES: tuple[ModelFamily, ...] = (
+    StableDiffusionFamily(),
+    StableDiffusionXLFamily(),
+    StableDiffusion3Family(),
+    QwenImageFamily(),
+)
 
 
 def family_for_class(class_name: str, model: str = "the model") -> ModelFamily:

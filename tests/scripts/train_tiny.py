@@ -1,6 +1,6 @@
 """Train the tiny test pipeline in its own process (used by the kill-and-resume and multi-process tests).
 
-    python train_tiny.py MODEL_DIR PROJECT_DIR [--epochs N] [--sleep S] [--stats FILE] [--distributed]
+    python train_tiny.py MODEL_DIR PROJECT_DIR [--epochs N] [--sleep S] [--stats FILE] [--distributed] [--resolution R]
 """
 
 import argparse
@@ -36,6 +36,7 @@ parser.add_argument("--stats", default=None, help="append each stage's stats her
 parser.add_argument("--distributed", action="store_true", help="per-rank prompts and a weight check per stage")
 parser.add_argument("--loss-type", default="ppo", help="B2DiffuRLConfig.loss_type")
 parser.add_argument("--plain-ddpo", action="store_true", help="run TRL's DDPOTrainer instead (a control)")
+parser.add_argument("--resolution", type=int, default=None, help="B2DiffuRLConfig.resolution (default: the model's)")
 args = parser.parse_args()
 
 
@@ -63,6 +64,7 @@ config = small_config(
     accelerator_kwargs=accelerator_kwargs,
     train_learning_rate=1e-2,
     loss_type=args.loss_type,
+    resolution=args.resolution,
 )
 if args.plain_ddpo:
     from trl import DDPOConfig, DDPOTrainer
