@@ -39,6 +39,10 @@ Usage:
     python benchmarks/cost.py --sd3-random --methods b2 plain --out cost_sd3.json
         # GPU: SD3.5-Medium-shaped pipeline with random weights, 1024 px (B² against plain diffusers SD3 sampling;
         # --no-t5 builds it without the T5 encoder)
+    python benchmarks/cost.py --qwenimage-random --methods b2 plain --mixed-precision bf16 --resolution 512 \
+        --out cost_qwenimage.json
+        # GPU: Qwen-Image-shaped pipeline with random weights (20.4 B transformer, 8.3 B text encoder, built in bf16;
+        # B² with true CFG against plain diffusers QwenImagePipeline sampling)
 
 Numbers measured on a shared CPU are noisy: compare ratios measured in one run, not numbers across runs.
 """
@@ -75,18 +79,23 @@ def parse_args(argv):
     model.add_argument("--sd3-random", action="store_true",
                        help="SD3.5-Medium-shaped pipeline built from configs with random weights (B² and plain only: "
                        "TRL's DDPO pipeline is SD1.x only)")
+    model.add_argument("--qwenimage-random", action="store_true",
+                       help="Qwen-Image-shaped pipeline built from configs with random weights, in the run's precision "
+                       "(B² and plain only)")
     model.add_argument("--no-t5", action="store_true",
                        help="with --sd3-random: build the pipeline without its T5 encoder (zeros in T5's place)")
     model.add_argument("--tiny-width", action="store_true",
-                       help="with --sd15-random/--sdxl-random/--sd3-random: narrow channels and small text encoders, "
+                       help="with --sd15-random/--sdxl-random/--sd3-random/--qwenimage-random: narrow channels and "
+                       "small text encoders, "
                        "for a CPU smoke test")
     model.add_argument("--resolution", type=int, default=None,
-                       help="image side with --sd15-random (default 512), --sdxl-random or --sd3-random (default "
-                       "1024); a multiple of 8 (of 16 with --sd3-random)")
+                       help="image side with --sd15-random (default 512), --sdxl-random, --sd3-random or "
+                       "--qwenimage-random (default 1024); a multiple of 8 (of 16 with --sd3-random or "
+                       "--qwenimage-random)")
     run = parser.add_argument_group("run")
     run.add_argument("--methods", nargs="*", choices=METHODS, default=["b2", "ddpo"],
                      help="what to measure; 'plain' is the model's own diffusers pipeline (StableDiffusionPipeline, "
-                     "...XLPipeline or StableDiffusion3Pipeline) at --plain-batch-size")
+                     "...XLPipeline, StableDiffusion3Pipeline or QwenImagePipeline) at --plain-batch-size")
     run.add_argument("--num-steps", type=int, default=20, help="sampling steps T (DDIM, or SD3's flow steps)")
     run.add_argument("--interval", type=int, default=14, help="B² interval length L (branch point T - L)")
     run.add_argument("--prompts", type=int, default=8, help="prompts per sampling batch (both methods)")
@@ -124,21 +133,23 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 1 <= args.interval <= args.num_steps:
         parser.error(f"--interval must be in [1, --num-steps], got {args.interval}")
-    if args.sd15_random + args.sdxl_random + args.sd3_random > 1:
-        parser.error("give at most one of --sd15-random, --sdxl-random and --sd3-random")
-    for flag, given in (("--sdxl-random", args.sdxl_random), ("--sd3-random", args.sd3_random)):
+    if args.sd15_random + args.sdxl_random + args.sd3_random + args.qwenimage_random > 1:
+        parser.error("give at most one of --sd15-random, --sdxl-random, --sd3-random and --qwenimage-random")
+    for flag, given in (("--sdxl-random", args.sdxl_random), ("--sd3-random", args.sd3_random),
+                        ("--qwenimage-random", args.qwenimage_random)):
         if given and "ddpo" in (args.methods or []):
             parser.error(f"{flag} measures b2, b2_dpo and plain: TRL's DDPO pipeline loads SD1.x only "
                          "(pass e.g. --methods b2 plain)")
     if args.no_t5 and not args.sd3_random:
         parser.error("--no-t5 goes with --sd3-random")
-    args.random_model = args.sd15_random or args.sdxl_random or args.sd3_random
+    args.random_model = args.sd15_random or args.sdxl_random or args.sd3_random or args.qwenimage_random
     if args.resolution is None:
-        args.resolution = 1024 if args.sdxl_random or args.sd3_random else 512
+        args.resolution = 1024 if args.sdxl_random or args.sd3_random or args.qwenimage_random else 512
     if args.random_model and args.resolution % 8:
         parser.error("--resolution must be a multiple of 8")
-    if args.sd3_random and args.resolution % 16:
-        parser.error("--resolution must be a multiple of 16 with --sd3-random (8x VAE, then 2x2 patches)")
+    if (args.sd3_random or args.qwenimage_random) and args.resolution % 16:
+        parser.error("--resolution must be a multiple of 16 with --sd3-random or --qwenimage-random (8x VAE, then 2x2 "
+                     "patches)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mixed_precision == "auto":

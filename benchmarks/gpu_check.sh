@@ -4,8 +4,9 @@
 # DDPO epoch and plain diffusers at the same image count, then the speed options (interval-step stacking,
 # SDPA, channels-last), then torch.compile if time is left, then an SDXL-shaped pipeline (1024 px, random
 # weights): one B² stage against plain diffusers SDXL sampling, then an SD3.5-Medium-shaped one (1024 px, random
-# weights, T5 included, bf16, fewer images and steps): one B² stage against plain diffusers SD3 sampling. Results
-# are JSON under $OUT.
+# weights, T5 included, bf16, fewer images and steps): one B² stage against plain diffusers SD3 sampling, then a
+# Qwen-Image-shaped one (512 px, random weights built in bf16, 57.7 GB with its 8.3 B text encoder; true CFG): one B²
+# stage against plain QwenImagePipeline sampling. Results are JSON under $OUT.
 #
 # Prepare once, on a machine with network access, in the repository root (the GPU machine has torch,
 # transformers, accelerate and peft, but not diffusers, trl or datasets):
@@ -37,9 +38,14 @@ COMPILE='{}'
 # 7.9 B random weights (T5 included) and the measurements fit the step's limit; bf16, the model's own precision
 SD3_SIZE=(--num-steps 8 --interval 4 --prompts 2 --branches 4 --train-batch-size 2 --timesteps-per-forward 1
   --plain-batch-size 8 --mixed-precision bf16)
+# Qwen-Image at 512 px: 8 images, 8 steps, interval 4, one sample per training call (two calls with true CFG), so
+# that the 28.8 B weights (57.7 GB in bf16) and the activations of LoRA training fit an 80 GB GPU
+QWEN_SIZE=(--num-steps 8 --interval 4 --prompts 2 --branches 4 --train-batch-size 1 --timesteps-per-forward 1
+  --plain-batch-size 4 --mixed-precision bf16 --resolution 512 --guidance-scale 4)
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   SIZE=(--tiny-width --resolution 64 --num-steps 4 --interval 2 --prompts 2 --branches 3 --train-batch-size 2)
   SD3_SIZE=()
+  QWEN_SIZE=()
   COMPILE='{"backend": "eager"}'
 fi
 
@@ -67,4 +73,5 @@ step optimisations 100 --sd15-random --methods --optimisations stacking sdpa cha
 step compile 100 --sd15-random --methods --optimisations compile --opt-repeats 2 --compile-kwargs "$COMPILE"
 step sdxl 170 --sdxl-random --methods b2 plain
 step sd3 100 --sd3-random --methods b2 plain "${SD3_SIZE[@]}"
+step qwenimage 240 --qwenimage-random --methods b2 plain "${QWEN_SIZE[@]}"
 echo "done; results in $OUT"

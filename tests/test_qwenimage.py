@@ -429,3 +429,69 @@ def test_two_processes_end_with_identical_weights(qwen_dir, tmp_path):
     assert all(s["max_weight_diff_across_ranks"] == 0.0 for s in stages)
     assert stages[-1]["weight_norm"] != stages[0]["weight_norm"]
     assert not math.isnan(stages[-1]["reward_mean"])
+
+
+# ---------------------------------------------------------------------- Qwen-Image's shape and the cost benchmark
+
+
+def test_qwenimage_shaped_pipeline_has_its_published_sizes():
+    from b2trl.testing import build_qwenimage_pipeline
+
+    with torch.device("meta"):  # the architecture without allocating 28.8 B parameters
+        pipe = build_qwenimage_pipeline(resolution=512)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    config = pipe.transformer.config
+    assert count(pipe.transformer) == 20_430_401_088  # the "20 B MMDiT"
+    assert (config.num_layers, config.num_attention_heads, config.attention_head_dim) == (60, 24, 128)
+    assert (config.in_channels, config.out_channels, config.joint_attention_dim) == (64, 16, 3584)
+    assert tuple(config.axes_dims_rope) == (16, 56, 56) and not config.guidance_embeds
+    encoder = pipe.text_encoder
+    assert count(encoder) == 8_292_166_656  # Qwen2.5-VL-7B-Instruct: language model, LM head, vision tower
+    assert count(encoder.model.language_model) == 7_070_619_136 and count(encoder.model.visual) == 676_550_144
+    assert encoder.config.text_config.hidden_size == config.joint_attention_dim
+    assert len(pipe.tokenizer) <= encoder.config.text_config.vocab_size == 152064
+    assert count(pipe.vae) == 126_892_531 and pipe.vae_scale_factor == 8 and pipe.vae.config.z_dim == 16
+    assert pipe.default_sample_size * pipe.vae_scale_factor == 512  # the pipeline samples at the given size
+    assert pipe.scheduler.config.max_shift == 0.9 and pipe.scheduler.config.max_image_seq_len == 8192
+    with pytest.raises(ValueError, match="multiple of 16"):
+        build_qwenimage_pipeline(resolution=520)
+
+
+def test_cost_benchmark_runs_b2_and_plain_qwenimage_sampling(monkeypatch):
+    from diffusers import QwenImagePipeline
+
+    from helpers import load_script
+
+    cost = load_script(__import__("pathlib").Path(__file__).parents[1] / "benchmarks" / "cost.py", "cost_qwen")
+    args = cost.parse_args(["--qwenimage-random", "--methods", "b2", "plain"])
+    assert args.resolution == 1024 and args.random_model and args.reward == "random"
+    for wrong in (["--qwenimage-random"], ["--qwenimage-random", "--sd3-random", "--methods", "b2"],
+                  ["--qwenimage-random", "--resolution", "72", "--methods", "b2"]):
+        with pytest.raises(SystemExit):
+            cost.parse_args(wrong)
+
+    calls = []
+    call = QwenImagePipeline.__call__
+
+    def recorded(self, *a, **kwargs):
+        calls.append(kwargs)
+        return call(self, *a, **kwargs)
+
+    monkeypatch.setattr(QwenImagePipeline, "__call__", recorded)
+    report = cost.main(["--in-process", "--num-steps", "4", "--interval", "2", "--prompts", "2", "--branches", "3",
+                        "--train-batch-size", "2", "--qwenimage-random", "--tiny-width", "--resolution", "64",
+                        "--methods", "b2", "plain", "--plain-batch-size", "4"])
+    b2, plain = report["methods"]["b2"], report["methods"]["plain"]
+    T, L, B, N = 4, 2, 2, 3
+    # true CFG: two calls per step (prompts, then the negative prompt), the same rows as one call of both halves
+    assert b2["unet_rows"]["sampling"] == 2 * (B * (T - L) + B * N * L) == 32
+    assert b2["unet_calls"]["sampling"] == 2 * T
+    assert b2["unet_rows"]["training"] == 2 * b2["samples_kept"] * L > 0 and b2["vae_decode_rows"] == 6
+    assert all(check["ok"] for check in report["checks"].values())
+    # plain QwenImagePipeline sampling: two batches of 4 at 64 px with true CFG, prompts at the family's length
+    assert plain["images"] == 8 and plain["unet_rows"]["sampling"] == 2 * 8 * T and plain["vae_decode_rows"] == 8
+    assert len(calls) == 2 and all(kw["true_cfg_scale"] == 5.0 and kw["max_sequence_length"] == 512
+                                   and "guidance_scale" not in kw for kw in calls)
