@@ -423,6 +423,23 @@ def test_full_fine_tuning_trains_and_saves_a_loadable_pipeline(qwen_dir, tmp_pat
     torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
 
 
+def test_dpo_is_log_2_at_the_reference_and_the_kl_term_runs(qwen_dir):
+    trainer = make_trainer(qwen_dir, resolution=SIZE, loss_type="dpo", kl_coef=0.1)
+    torch.manual_seed(0)
+    samples, _ = trainer._generate_samples(iterations=1, batch_size=2, branch_point=2)
+    rows = torch.tensor([0, 1, 3, 4])  # two (winner, loser) pairs, branches of the same prompt
+    batch = {k: v[rows] for k, v in samples[0].items()}
+    batch["row_weight"] = torch.ones(4)
+    batch["advantages"] = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    batch.update(trainer.reference_pass(batch))  # the base model: the adapter switched off
+    torch.testing.assert_close(batch["ref_log_probs"], batch["log_probs"], rtol=0, atol=1e-6)
+    trainer.training_denoiser.train()
+    out = trainer.micro_batch_loss(batching.stack_steps(batch, slice(0, 4), group_size=2))
+    out.loss.backward()
+    assert abs(float(out.loss.detach()) - math.log(2)) < 1e-6 and float(out.stats["kl_ref"]) < 1e-10
+    assert max(float(p.grad.abs().max()) for p in trainer.trainable_params) > 0
+
+
 def test_two_processes_end_with_identical_weights(qwen_dir, tmp_path):
     stages = torchrun_tiny(qwen_dir, tmp_path, "--epochs", "2", "--resolution", str(SIZE), timeout=240)
     assert [s["stage"] for s in stages] == [0, 1]

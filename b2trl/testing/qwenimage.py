@@ -122,6 +122,7 @@ def build_tiny_qwenimage_pipeline(output_dir: Optional[str] = None, *, seed: int
     `AutoencoderKLQwenImage` with one spatial downsampling (scale factor 2; Qwen-Image's has 8) and the VAE's
     default per-channel ``latents_mean``/``latents_std``, and Qwen-Image's scheduler ([`qwenimage_scheduler`]).
     Its pipeline default size is 256 px; pass a resolution (a multiple of 4, e.g. 16) to sample small images.
+    Like `QwenImagePipeline` itself, it holds no image processor: text prompts need only the tokenizer.
     When `output_dir` is given the pipeline is also saved there, and that folder loads with
     `QwenImagePipeline.from_pretrained` and [`~b2trl.load_pipeline`].
 
