@@ -128,9 +128,9 @@ def save_samples(
 
 def sample_for_card(pipeline, prompts: Sequence[str], seeds: Sequence[int], config, device=None):
     """
-    A few images with fixed seeds for the model card, sampled as the run's rollout samples (its steps, eta, and
-    its model family's guidance: classifier-free guidance only with `train_cfg`, FLUX.1's embedded guidance always).
-    Call it before and after training for a comparison on the same noise.
+    A few images with fixed seeds for the model card, sampled as the run's rollout samples (its resolution, steps,
+    eta, and its model family's guidance: classifier-free guidance only with `train_cfg`, FLUX.1's embedded guidance
+    always). Call it before and after training for a comparison on the same noise.
 
     Args:
         pipeline: a diffusers pipeline or a training pipeline holding one as ``sd_pipeline``.
@@ -148,10 +148,19 @@ def sample_for_card(pipeline, prompts: Sequence[str], seeds: Sequence[int], conf
     pipe = getattr(pipeline, "sd_pipeline", pipeline)
     if device is not None:
         pipe.to(device)
+    family = family_for_pipeline(pipeline)
+    # at the training resolution: a pipeline's own default can differ (Z-Image's is always 1024 px)
+    height, width = family.image_size(pipe, getattr(config, "resolution", None))
     return generate_images(
-        pipe, prompts, seeds, num_inference_steps=config.sample_num_steps, eta=config.sample_eta,
-        **family_for_pipeline(pipeline).guidance_call_kwargs(config),
+        pipeline, prompts, seeds, num_inference_steps=config.sample_num_steps, eta=config.sample_eta,
+        height=height, width=width, **family.guidance_call_kwargs(config),
     )
+
+
+def _size_kwargs(config) -> dict:
+    """The pipeline call's image size when the run trained at a `resolution` other than the model's own."""
+    size = getattr(config, "resolution", None)
+    return {} if size is None else {"height": size, "width": size}
 
 
 def reward_evaluation(reward_fn, images: Mapping[str, Any], prompts: Sequence[str], label: str, device=None) -> dict:
@@ -272,10 +281,11 @@ def build_model_card(
                 f'pipe.load_lora_weights("{here}")')
     else:
         load = f'{vae_line}pipe = {pipeline_class}.from_pretrained("{here}"{vae_arg})'
-    # what the pipeline needs to sample as the model was trained (its guidance, a flow model's T5 length), eta
-    # left at default
+    # what the pipeline needs to sample as the model was trained (its guidance under the pipeline's names, a flow
+    # model's text length, the training resolution), eta left at default
     call_kwargs = {} if family is None else {
-        **family.guidance_call_kwargs(config), **family.pipeline_call_kwargs(trainer.sd_pipeline.sd_pipeline)
+        **family.guidance_call_kwargs(config), **family.pipeline_call_kwargs(trainer.sd_pipeline.sd_pipeline),
+        **_size_kwargs(config),
     }
     call_extra = "".join(f", {k}={v!r}" for k, v in call_kwargs.items() if k != "eta" and v is not None)
     sampler = getattr(trainer, "sampler", None)

@@ -75,7 +75,7 @@ def generate_images(
     seeds: Sequence[int] = (0, 1, 2),
     *,
     num_inference_steps: int = 20,
-    guidance_scale: float = 5.0,
+    guidance_scale: Optional[float] = 5.0,
     eta: float = 1.0,
     batch_size: int = 64,
     **call_kwargs,
@@ -92,7 +92,8 @@ def generate_images(
         prompts (`Sequence[str]`): the prompts.
         seeds (`Sequence[int]`, *optional*, defaults to `(0, 1, 2)`): one sample per prompt and seed.
         num_inference_steps (`int`, *optional*, defaults to `20`): denoising steps.
-        guidance_scale (`float`, *optional*, defaults to `5.0`): classifier-free guidance scale (1 turns it off).
+        guidance_scale (`float`, *optional*, defaults to `5.0`): classifier-free guidance scale (1 turns it off;
+            `None` does not pass it, for a pipeline that guides under another name).
         eta (`float`, *optional*, defaults to `1.0`): DDIM eta (flow-matching pipelines have none; they get the
             T5 length their model was trained with instead).
         batch_size (`int`, *optional*, defaults to `64`): prompts per pipeline call.
@@ -103,9 +104,12 @@ def generate_images(
     """
     from .models import family_for_pipeline
 
+    family = family_for_pipeline(pipeline)  # a training pipeline's own family, which may carry settings
     pipe = getattr(pipeline, "sd_pipeline", pipeline)
-    # DDIM families take eta; a flow family takes its T5 length instead
-    call_kwargs = {**family_for_pipeline(pipe).pipeline_call_kwargs(pipe, eta=eta), **call_kwargs}
+    # DDIM families take eta; a flow family takes its text length instead. An argument set to None is not passed
+    # (Qwen-Image's pipeline guides with true_cfg_scale and takes no guidance_scale)
+    call_kwargs = {**family.pipeline_call_kwargs(pipe, eta=eta), "guidance_scale": guidance_scale, **call_kwargs}
+    call_kwargs = {k: v for k, v in call_kwargs.items() if v is not None}
     prompts = list(prompts)
     out = []
     for seed in seeds:
@@ -116,7 +120,6 @@ def generate_images(
             images = pipe(
                 chunk,
                 num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
                 generator=gens,
                 output_type="pt",
                 **call_kwargs,

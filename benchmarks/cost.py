@@ -42,6 +42,10 @@ Usage:
     python benchmarks/cost.py --flux-random --methods b2 plain --out cost_flux.json
         # GPU: FLUX.1-dev-shaped pipeline with random weights, 1024 px, bf16, guidance 3.5 (B² against plain
         # diffusers FLUX sampling; one denoiser row per image, no classifier-free guidance)
+    python benchmarks/cost.py --qwenimage-random --methods b2 plain --mixed-precision bf16 --resolution 512 \
+        --out cost_qwenimage.json
+        # GPU: Qwen-Image-shaped pipeline with random weights (20.4 B transformer, 8.3 B text encoder, built in bf16;
+        # B² with true CFG against plain diffusers QwenImagePipeline sampling)
 
 Numbers measured on a shared CPU are noisy: compare ratios measured in one run, not numbers across runs.
 """
@@ -81,18 +85,22 @@ def parse_args(argv):
     model.add_argument("--flux-random", action="store_true",
                        help="FLUX.1-dev-shaped pipeline built from configs with random weights (B² and plain only; "
                        "guidance-distilled: one denoiser row per image, bf16 and guidance 3.5 by default)")
+    model.add_argument("--qwenimage-random", action="store_true",
+                       help="Qwen-Image-shaped pipeline built from configs with random weights, in the run's precision "
+                       "(B² and plain only)")
     model.add_argument("--no-t5", action="store_true",
                        help="with --sd3-random: build the pipeline without its T5 encoder (zeros in T5's place)")
     model.add_argument("--tiny-width", action="store_true",
-                       help="with --sd15-random/--sdxl-random/--sd3-random/--flux-random: narrow channels and small "
-                       "text encoders, for a CPU smoke test")
+                       help="with --sd15-random/--sdxl-random/--sd3-random/--flux-random/--qwenimage-random: narrow "
+                       "channels and small text encoders, for a CPU smoke test")
     model.add_argument("--resolution", type=int, default=None,
-                       help="image side with --sd15-random (default 512), --sdxl-random, --sd3-random or "
-                       "--flux-random (default 1024); a multiple of 8 (of 16 with --sd3-random and --flux-random)")
+                       help="image side with --sd15-random (default 512), --sdxl-random, --sd3-random, --flux-random "
+                       "or --qwenimage-random (default 1024); a multiple of 8 (of 16 for the three flow models)")
     run = parser.add_argument_group("run")
     run.add_argument("--methods", nargs="*", choices=METHODS, default=["b2", "ddpo"],
                      help="what to measure; 'plain' is the model's own diffusers pipeline (StableDiffusionPipeline, "
-                     "...XLPipeline, StableDiffusion3Pipeline or FluxPipeline) at --plain-batch-size")
+                     "...XLPipeline, StableDiffusion3Pipeline, FluxPipeline or QwenImagePipeline) at "
+                     "--plain-batch-size")
     run.add_argument("--num-steps", type=int, default=20, help="sampling steps T (DDIM, or SD3's flow steps)")
     run.add_argument("--interval", type=int, default=14, help="B² interval length L (branch point T - L)")
     run.add_argument("--prompts", type=int, default=8, help="prompts per sampling batch (both methods)")
@@ -132,27 +140,30 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 1 <= args.interval <= args.num_steps:
         parser.error(f"--interval must be in [1, --num-steps], got {args.interval}")
-    if args.sd15_random + args.sdxl_random + args.sd3_random + args.flux_random > 1:
-        parser.error("give at most one of --sd15-random, --sdxl-random, --sd3-random and --flux-random")
-    for flag, given in (("--sdxl-random", args.sdxl_random), ("--sd3-random", args.sd3_random),
-                        ("--flux-random", args.flux_random)):
+    randoms = (("--sd15-random", args.sd15_random), ("--sdxl-random", args.sdxl_random),
+               ("--sd3-random", args.sd3_random), ("--flux-random", args.flux_random),
+               ("--qwenimage-random", args.qwenimage_random))
+    if sum(given for _, given in randoms) > 1:
+        parser.error("give at most one of " + ", ".join(flag for flag, _ in randoms))
+    for flag, given in randoms[1:]:
         if given and "ddpo" in (args.methods or []):
             parser.error(f"{flag} measures b2, b2_dpo and plain: TRL's DDPO pipeline loads SD1.x only "
                          "(pass e.g. --methods b2 plain)")
     if args.no_t5 and not args.sd3_random:
         parser.error("--no-t5 goes with --sd3-random")
-    args.random_model = args.sd15_random or args.sdxl_random or args.sd3_random or args.flux_random
+    args.random_model = any(given for _, given in randoms)
     # classifier-free guidance doubles every denoiser row; FLUX.1-dev's guidance is an input of one row
     args.cfg_rows = 1 if args.flux_random else 2
     if args.guidance_scale is None:
         args.guidance_scale = 3.5 if args.flux_random else 5.0
+    flow = args.sd3_random or args.flux_random or args.qwenimage_random
     if args.resolution is None:
-        args.resolution = 1024 if args.sdxl_random or args.sd3_random or args.flux_random else 512
+        args.resolution = 1024 if args.sdxl_random or flow else 512
     if args.random_model and args.resolution % 8:
         parser.error("--resolution must be a multiple of 8")
-    for flag, given in (("--sd3-random", args.sd3_random), ("--flux-random", args.flux_random)):
-        if given and args.resolution % 16:
-            parser.error(f"--resolution must be a multiple of 16 with {flag} (8x VAE, then 2x2 patches)")
+    if flow and args.resolution % 16:
+        parser.error("--resolution must be a multiple of 16 with --sd3-random, --flux-random or --qwenimage-random "
+                     "(8x VAE, then 2x2 patches)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mixed_precision == "auto":

@@ -26,8 +26,10 @@ PHASE_KEYS = {"sampling": "sampling", "rewards": "reward", "training": "training
 
 def model_pipeline(args):
     """The model both trainers start from (LoRA rank 4 on the family's usual target modules): the toy model, or
-    with `--sd15-random` / `--sdxl-random` / `--sd3-random` / `--flux-random` an SD1.5-, SDXL-, SD3.5-Medium- or
-    FLUX.1-dev-shaped pipeline with random weights."""
+    with `--sd15-random` / `--sdxl-random` / `--sd3-random` / `--flux-random` / `--qwenimage-random` an SD1.5-,
+    SDXL-, SD3.5-Medium-, FLUX.1-dev- or Qwen-Image-shaped pipeline with random weights."""
+    if getattr(args, "qwenimage_random", False):
+        return qwenimage_pipeline(args)
     if args.random_model:
         from b2trl.models import wrap_pipeline
         from b2trl.testing import (
@@ -48,6 +50,18 @@ def model_pipeline(args):
                 pipeline = build(args.resolution, args.tiny_width, args.seed)
         return wrap_pipeline(pipeline, use_lora=True)
     return common.toy_pipeline()
+
+
+def qwenimage_pipeline(args):
+    """Qwen-Image's shape with random weights, created in the run's precision: its 28.7 B parameters in float32
+    would not fit one GPU."""
+    from b2trl.models import wrap_pipeline
+    from b2trl.testing import build_qwenimage_pipeline
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
+    with torch.device(args.device):
+        pipeline = build_qwenimage_pipeline(args.resolution, args.tiny_width, args.seed, dtype=dtype)
+    return wrap_pipeline(pipeline, use_lora=True)
 
 
 def make_reward(args):
@@ -303,9 +317,10 @@ def measure_method(method: str, args) -> dict:
 
 def measure_plain(args) -> dict:
     """The model's own diffusers pipeline call (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
-    `StableDiffusion3Pipeline` or `FluxPipeline`, no log-probs), for a same-run anchor. It samples as training does:
-    DDIM with eta 1.0 for the SD families; SD3's and FLUX's flow steps with T5 padded to the length their family uses
-    (the T5 tokenizer's ``model_max_length``); FLUX with its embedded guidance, one row per image."""
+    `StableDiffusion3Pipeline`, `FluxPipeline` or `QwenImagePipeline`, no log-probs), for a same-run anchor. It
+    samples as training does: DDIM with eta 1.0 for the SD families; SD3's and FLUX's flow steps with T5 padded to the
+    length their family uses (the T5 tokenizer's ``model_max_length``); FLUX with its embedded guidance, one row per
+    image; Qwen-Image's with true CFG and the family's text length."""
     import inspect
 
     from b2trl.models import family_for_pipeline
@@ -334,13 +349,17 @@ def measure_plain(args) -> dict:
     if "max_sequence_length" in accepted and "max_sequence_length" in sampling:
         encode["max_sequence_length"] = sampling["max_sequence_length"]
     with torch.no_grad():
-        encoded = sd.encode_prompt(prompts, **encode)
-        # SD1.x returns the prompt and negative embeddings; SDXL and SD3 also their pooled projections; FLUX (no
-        # classifier-free guidance) its T5 and pooled CLIP embeddings, then its text ids
-        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-        if "do_classifier_free_guidance" not in accepted:
-            names = ("prompt_embeds", "pooled_prompt_embeds")
-        embeds = dict(zip(names, encoded))
+        if family.name == "qwenimage":
+            embeds, call = qwenimage_plain_inputs(sd, family, prompts, args, call)
+        else:
+            encoded = sd.encode_prompt(prompts, **encode)
+            # SD1.x returns the prompt and negative embeddings; SDXL and SD3 also their pooled projections; FLUX (no
+            # classifier-free guidance) its T5 and pooled CLIP embeddings, then its text ids
+            names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                     "negative_pooled_prompt_embeds")
+            if "do_classifier_free_guidance" not in accepted:
+                names = ("prompt_embeds", "pooled_prompt_embeds")
+            embeds = dict(zip(names, encoded))
         one_row = one_row_conditioning(family, sd, args, image_size)
     warm_up(pipeline, one_row, [args.cfg_rows * batch], None, contextlib.nullcontext, image_size)
     meter = CostMeter(getattr(sd, family.denoiser_name), sd.vae, args.device)
@@ -353,6 +372,23 @@ def measure_plain(args) -> dict:
     result = summarise_meter(meter, "plain")
     result.update(images=-(-images // batch) * batch, transitions_trained=0)
     return derive_rates(result)
+
+
+def qwenimage_plain_inputs(sd, family, prompts, args, call: dict) -> tuple[dict, dict]:
+    """`QwenImagePipeline`'s encoded inputs and call arguments for the plain run: the prompts and the empty negative
+    prompt encoded once, at the family's text length, and true CFG at the run's guidance scale (the pipeline's own
+    `guidance_scale` is for guidance-distilled models)."""
+    length = call["max_sequence_length"]
+    embeds, mask = sd.encode_prompt(prompts, device=args.device, max_sequence_length=length)
+    negative, negative_mask = sd.encode_prompt("", device=args.device, max_sequence_length=length)
+    inputs = dict(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
+                  negative_prompt_embeds_mask=negative_mask)
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(train_cfg=True, sample_guidance_scale=args.guidance_scale, negative_prompts="")
+    guidance = {k: v for k, v in family.guidance_call_kwargs(run).items() if v is not None}
+    guidance.pop("negative_prompt", None)  # given as embeddings
+    return inputs, {**{k: v for k, v in call.items() if k != "guidance_scale"}, **guidance}
 
 
 def summarise_meter(meter: CostMeter, method: str, stage_stats: dict | None = None) -> dict:

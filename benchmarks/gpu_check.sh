@@ -5,8 +5,10 @@
 # SDPA, channels-last), then torch.compile if time is left, then an SDXL-shaped pipeline (1024 px, random
 # weights): one B² stage against plain diffusers SDXL sampling, then an SD3.5-Medium-shaped one (1024 px, random
 # weights, T5 included, bf16, fewer images and steps): one B² stage against plain diffusers SD3 sampling, then a
-# FLUX.1-dev-shaped one (512 px, random weights, T5 included, bf16, guidance 3.5, one row per image): one B² stage
-# against plain diffusers FLUX sampling. Results are JSON under $OUT.
+# FLUX.1-dev-shaped one (512 px, random weights, T5 included, bf16, guidance 3.5, one row per image) and a
+# Qwen-Image-shaped one (512 px, random weights built in bf16, 57.7 GB with its 8.3 B text encoder; true CFG): one B²
+# stage each against the family's plain diffusers sampling. Results are JSON under $OUT. All steps together take
+# longer than one lent GPU's budget: GPU_CHECK_STEPS="sdxl flux" runs only the steps named.
 #
 # Prepare once, on a machine with network access, in the repository root (the GPU machine has torch,
 # transformers, accelerate and peft, but not diffusers, trl or datasets):
@@ -42,10 +44,15 @@ SD3_SIZE=(--num-steps 8 --interval 4 --prompts 2 --branches 4 --train-batch-size
 # are built twice as well; 8 images, 6 steps (Flow-GRPO's), interval 3; bf16 (FLUX gives no valid images in fp16)
 FLUX_SIZE=(--resolution 512 --num-steps 6 --interval 3 --prompts 2 --branches 4 --train-batch-size 2
   --timesteps-per-forward 1 --plain-batch-size 8 --mixed-precision bf16)
+# Qwen-Image at 512 px: 8 images, 8 steps, interval 4, one sample per training call (two calls with true CFG), so
+# that the 28.8 B weights (57.7 GB in bf16) and the activations of LoRA training fit an 80 GB GPU
+QWEN_SIZE=(--num-steps 8 --interval 4 --prompts 2 --branches 4 --train-batch-size 1 --timesteps-per-forward 1
+  --plain-batch-size 4 --mixed-precision bf16 --resolution 512 --guidance-scale 4)
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   SIZE=(--tiny-width --resolution 64 --num-steps 4 --interval 2 --prompts 2 --branches 3 --train-batch-size 2)
   SD3_SIZE=()
   FLUX_SIZE=()
+  QWEN_SIZE=()
   COMPILE='{"backend": "eager"}'
 fi
 
@@ -58,6 +65,9 @@ cat "$OUT/machine.txt"
 step() {  # step NAME SECONDS ARGS...: one cost.py run (ARGS name the model), its JSON in $OUT/NAME.json
   local name=$1 limit=$2 start rc
   shift 2
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+    return 0  # not among the steps asked for
+  fi
   start=$(date +%s)
   echo "=== $name (limit ${limit} s): cost.py $*" >> "$LOG"
   timeout "$limit" $PY benchmarks/cost.py "${SIZE[@]}" "$@" --out "$OUT/$name.json" >> "$LOG" 2>&1
@@ -74,4 +84,5 @@ step compile 100 --sd15-random --methods --optimisations compile --opt-repeats 2
 step sdxl 170 --sdxl-random --methods b2 plain
 step sd3 100 --sd3-random --methods b2 plain "${SD3_SIZE[@]}"
 step flux 200 --flux-random --methods b2 plain "${FLUX_SIZE[@]}"
+step qwenimage 240 --qwenimage-random --methods b2 plain "${QWEN_SIZE[@]}"
 echo "done; results in $OUT"

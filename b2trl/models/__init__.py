@@ -9,6 +9,7 @@ from .base import Conditioning, ModelFamily
 from .flux import FluxFamily
 from .loading import load_pipeline, wrap_pipeline
 from .pipeline import TrainingPipeline
+from .qwenimage import QwenImageFamily
 from .registry import FAMILIES, family_for_class, family_for_pipeline
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
@@ -19,6 +20,7 @@ __all__ = [
     "Conditioning",
     "FluxFamily",
     "ModelFamily",
+    "QwenImageFamily",
     "StableDiffusionFamily",
     "StableDiffusion3Family",
     "StableDiffusionXLFamily",

@@ -253,12 +253,17 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ weights
 
+    def lora_targets(self, denoiser) -> list[str]:
+        """The modules of `denoiser` that receive LoRA layers, as PEFT's ``target_modules``: `lora_target_modules`,
+        unless a family leaves out some of the model's modules by name."""
+        return list(self.lora_target_modules)
+
     def add_lora(self, denoiser, *, rank: int = 4, alpha: int = 4) -> None:
         """Add a trainable LoRA adapter (float32 weights, so mixed precision does not unscale fp16 ones)."""
         from peft import LoraConfig
 
         config = LoraConfig(
-            r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(self.lora_target_modules)
+            r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=self.lora_targets(denoiser)
         )
         denoiser.add_adapter(config)
         for param in denoiser.parameters():

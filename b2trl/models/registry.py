@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from .base import ModelFamily
 from .flux import FluxFamily
+from .qwenimage import QwenImageFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 
 # a new family is one module in this folder and one entry here
 FAMILIES: tuple[ModelFamily, ...] = (
-    StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family(), FluxFamily(),
+    StableDiffusionFamily(),
+    StableDiffusionXLFamily(),
+    StableDiffusion3Family(),
+    FluxFamily(),
+    QwenImageFamily(),
 )
 
 

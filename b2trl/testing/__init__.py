@@ -12,12 +12,15 @@
   benchmark;
 - [`build_tiny_flux_pipeline`], [`build_flux_pipeline`]: a tiny FLUX.1 pipeline for tests, and FLUX.1-dev's (or
   schnell's) shape for the cost benchmark.
+- [`build_tiny_qwenimage_pipeline`], [`build_qwenimage_pipeline`]: a tiny Qwen-Image pipeline for tests, and
+  Qwen-Image's shape (or its layout at narrow width), for the cost benchmark.
 
 Importing this module imports only torch; diffusers and transformers are imported by the builders.
 """
 
 from .common import assemble_pipeline, char_tokenizer, ddim_scheduler, t5_char_tokenizer, write_char_tokenizer
 from .flux import build_flux_pipeline, build_tiny_flux_pipeline
+from .qwenimage import build_qwenimage_pipeline, build_tiny_qwenimage_pipeline, qwen_tokenizer
 from .sd import build_sd15_pipeline, build_tiny_pipeline, build_toy_components
 from .sd3 import build_sd35_medium_pipeline, build_tiny_sd3_pipeline, build_toy_sd3_components
 from .sdxl import build_sdxl_pipeline, build_tiny_sdxl_pipeline, build_tiny_sdxl_vae
@@ -25,11 +28,13 @@ from .sdxl import build_sdxl_pipeline, build_tiny_sdxl_pipeline, build_tiny_sdxl
 __all__ = [
     "assemble_pipeline",
     "build_flux_pipeline",
+    "build_qwenimage_pipeline",
     "build_sd15_pipeline",
     "build_sd35_medium_pipeline",
     "build_sdxl_pipeline",
     "build_tiny_flux_pipeline",
     "build_tiny_pipeline",
+    "build_tiny_qwenimage_pipeline",
     "build_tiny_sd3_pipeline",
     "build_tiny_sdxl_pipeline",
     "build_tiny_sdxl_vae",
@@ -37,6 +42,7 @@ __all__ = [
     "build_toy_sd3_components",
     "char_tokenizer",
     "ddim_scheduler",
+    "qwen_tokenizer",
     "t5_char_tokenizer",
     "write_char_tokenizer",
 ]
