@@ -39,7 +39,9 @@ def resolution_shift(scheduler_config, image_seq_len: int, default_max_shift: fl
     base_shift = scheduler_config.get("base_shift", 0.5)
     max_shift = scheduler_config.get("max_shift", default_max_shift)
     slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + base_shift - slope * base_len
+    # the pipelines' order of operations, so that mu (and the schedule) match theirs to the last bit
+    intercept = base_shift - slope * base_len
+    return image_seq_len * slope + intercept
 
 
 @dataclass
