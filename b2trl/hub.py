@@ -128,8 +128,8 @@ def save_samples(
 def sample_for_card(pipeline, prompts: Sequence[str], seeds: Sequence[int], config, device=None):
     """
     A few images with fixed seeds for the model card, sampled as the run's rollout samples (its steps, eta, and
-    classifier-free guidance only with `train_cfg`). Call it before and after training for a comparison on the
-    same noise.
+    its model family's guidance: classifier-free guidance only with `train_cfg`, FLUX.1's embedded guidance always).
+    Call it before and after training for a comparison on the same noise.
 
     Args:
         pipeline: a diffusers pipeline or a training pipeline holding one as ``sd_pipeline``.
@@ -142,14 +142,14 @@ def sample_for_card(pipeline, prompts: Sequence[str], seeds: Sequence[int], conf
         `torch.Tensor` ``(len(seeds), len(prompts), 3, H, W)`` in [0, 1], on the CPU.
     """
     from .images import generate_images
+    from .models import family_for_pipeline
 
     pipe = getattr(pipeline, "sd_pipeline", pipeline)
     if device is not None:
         pipe.to(device)
     return generate_images(
         pipe, prompts, seeds, num_inference_steps=config.sample_num_steps, eta=config.sample_eta,
-        guidance_scale=config.sample_guidance_scale if config.train_cfg else 1.0,
-        negative_prompt=(config.negative_prompts or None) if config.train_cfg else None,
+        **family_for_pipeline(pipeline).guidance_call_kwargs(config),
     )
 
 
@@ -270,9 +270,12 @@ def build_model_card(
                 f'pipe.load_lora_weights("{here}")')
     else:
         load = f'{vae_line}pipe = {pipeline_class}.from_pretrained("{here}"{vae_arg})'
-    # what the pipeline needs to sample as the model was trained (a flow model's T5 length), eta left at default
-    call_kwargs = {} if family is None else family.pipeline_call_kwargs(trainer.sd_pipeline.sd_pipeline)
-    call_extra = "".join(f", {k}={v!r}" for k, v in call_kwargs.items() if k != "eta")
+    # what the pipeline needs to sample as the model was trained (its guidance, a flow model's T5 length), eta
+    # left at default
+    call_kwargs = {} if family is None else {
+        **family.guidance_call_kwargs(config), **family.pipeline_call_kwargs(trainer.sd_pipeline.sd_pipeline)
+    }
+    call_extra = "".join(f", {k}={v!r}" for k, v in call_kwargs.items() if k != "eta" and v is not None)
     sampler = getattr(trainer, "sampler", None)
     sampling = sampler.describe() if sampler is not None else f"DDIM, eta {config.sample_eta}"
     loss_type = getattr(config, "loss_type", "ppo")

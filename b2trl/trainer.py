@@ -307,6 +307,10 @@ class B2DiffuRLTrainer(PolicyUpdate, DDPOTrainer):
             cond = self.family.encode_prompts(
                 self.sd_pipeline.sd_pipeline, list(prompts), self.accelerator.device, self.image_size
             )
+            # per-row inputs set by the config (FLUX.1-dev's guidance), stored with the samples like the prompt's
+            cond.update(self.family.sampling_inputs(
+                self.sd_pipeline.sd_pipeline, self.config, len(prompts), self.accelerator.device
+            ))
         uncond = None
         if self.negative_conditioning is not None:
             n = len(prompts)

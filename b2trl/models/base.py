@@ -163,6 +163,24 @@ class ModelFamily:
         """
         return bool(config.train_cfg)
 
+    def sampling_inputs(self, pipe, config, batch_size: int, device) -> dict[str, torch.Tensor]:
+        """
+        Per-row denoiser inputs that the run's configuration sets rather than the prompt (FLUX.1-dev's embedded
+        guidance: `sample_guidance_scale` in every row). The trainer adds them to each batch's conditioning, so
+        they are stored with the samples and training uses exactly what sampling used. None by default.
+        """
+        return {}
+
+    def guidance_call_kwargs(self, config) -> dict:
+        """
+        The guidance arguments of the diffusers pipeline's ``__call__`` that sample as the run samples (model-card
+        images, the card's usage snippet): classifier-free guidance at `sample_guidance_scale` with the run's
+        negative prompt when the family runs it ([`ModelFamily.uses_guidance`]), else a scale of 1 (off).
+        """
+        if self.uses_guidance(config):
+            return {"guidance_scale": config.sample_guidance_scale, "negative_prompt": config.negative_prompts or None}
+        return {"guidance_scale": 1.0}
+
     def schedule_kwargs(self, pipe, num_inference_steps: int, image_size: tuple[int, int]) -> dict:
         """
         What the family's own pipeline passes to ``scheduler.set_timesteps`` besides the number of steps and the
