@@ -127,9 +127,9 @@ def save_samples(
 
 def sample_for_card(pipeline, prompts: Sequence[str], seeds: Sequence[int], config, device=None):
     """
-    A few images with fixed seeds for the model card, sampled as the run's rollout samples (its steps, eta, and
-    its model family's guidance: classifier-free guidance only with `train_cfg`, FLUX.1's embedded guidance always).
-    Call it before and after training for a comparison on the same noise.
+    A few images with fixed seeds for the model card, sampled as the run's rollout samples (its resolution, steps,
+    eta, and its model family's guidance: classifier-free guidance only with `train_cfg`, FLUX.1's embedded guidance
+    always). Call it before and after training for a comparison on the same noise.
 
     Args:
         pipeline: a diffusers pipeline or a training pipeline holding one as ``sd_pipeline``.
@@ -147,9 +147,12 @@ def sample_for_card(pipeline, prompts: Sequence[str], seeds: Sequence[int], conf
     pipe = getattr(pipeline, "sd_pipeline", pipeline)
     if device is not None:
         pipe.to(device)
+    family = family_for_pipeline(pipeline)
+    # at the training resolution: a pipeline's own default can differ (Z-Image's is always 1024 px)
+    height, width = family.image_size(pipe, getattr(config, "resolution", None))
     return generate_images(
-        pipe, prompts, seeds, num_inference_steps=config.sample_num_steps, eta=config.sample_eta,
-        **family_for_pipeline(pipeline).guidance_call_kwargs(config),
+        pipeline, prompts, seeds, num_inference_steps=config.sample_num_steps, eta=config.sample_eta,
+        height=height, width=width, **family.guidance_call_kwargs(config),
     )
 
 

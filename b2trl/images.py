@@ -104,8 +104,9 @@ def generate_images(
     from .models import family_for_pipeline
 
     pipe = getattr(pipeline, "sd_pipeline", pipeline)
-    # DDIM families take eta; a flow family takes its T5 length instead
-    call_kwargs = {**family_for_pipeline(pipe).pipeline_call_kwargs(pipe, eta=eta), **call_kwargs}
+    # DDIM families take eta; a flow family takes its T5 length instead (a training pipeline's own family, which
+    # may carry options such as Z-Image's guidance settings)
+    call_kwargs = {**family_for_pipeline(pipeline).pipeline_call_kwargs(pipe, eta=eta), **call_kwargs}
     prompts = list(prompts)
     out = []
     for seed in seeds:
