@@ -6,9 +6,15 @@ from .base import ModelFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
+from .zimage import ZImageFamily
 
 # a new family is one module in this folder and one entry here
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family())
+FAMILIES: tuple[ModelFamily, ...] = (
+    StableDiffusionFamily(),
+    StableDiffusionXLFamily(),
+    StableDiffusion3Family(),
+    ZImageFamily(),
+)
 
 
 def family_for_class(class_name: str, model: str = "the model") -> ModelFamily:

@@ -9,7 +9,9 @@
 - [`build_tiny_sd3_pipeline`], [`build_toy_sd3_components`]: a tiny SD3 pipeline for tests, and the flow toy
   model's architecture, which ``b2trl.toy.pretrain_flow`` trains;
 - [`build_sd35_medium_pipeline`]: Stable Diffusion 3.5 Medium's shape (or its layout at narrow width), for the cost
-  benchmark.
+  benchmark;
+- [`build_tiny_zimage_pipeline`], [`build_zimage_pipeline`]: a tiny Z-Image pipeline for tests (with a local
+  Qwen-style tokenizer, [`qwen_char_tokenizer`]), and Z-Image's shape (or its layout at narrow width).
 
 Importing this module imports only torch; diffusers and transformers are imported by the builders.
 """
@@ -18,6 +20,7 @@ from .common import assemble_pipeline, char_tokenizer, ddim_scheduler, t5_char_t
 from .sd import build_sd15_pipeline, build_tiny_pipeline, build_toy_components
 from .sd3 import build_sd35_medium_pipeline, build_tiny_sd3_pipeline, build_toy_sd3_components
 from .sdxl import build_sdxl_pipeline, build_tiny_sdxl_pipeline, build_tiny_sdxl_vae
+from .zimage import build_tiny_zimage_pipeline, build_zimage_pipeline, qwen_char_tokenizer
 
 __all__ = [
     "assemble_pipeline",
@@ -28,10 +31,13 @@ __all__ = [
     "build_tiny_sd3_pipeline",
     "build_tiny_sdxl_pipeline",
     "build_tiny_sdxl_vae",
+    "build_tiny_zimage_pipeline",
     "build_toy_components",
     "build_toy_sd3_components",
+    "build_zimage_pipeline",
     "char_tokenizer",
     "ddim_scheduler",
+    "qwen_char_tokenizer",
     "t5_char_tokenizer",
     "write_char_tokenizer",
 ]
