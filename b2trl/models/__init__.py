@@ -14,6 +14,7 @@ from .registry import FAMILIES, family_for_class, family_for_pipeline
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
+from .zimage import ZImageFamily
 
 __all__ = [
     "FAMILIES",
@@ -25,6 +26,7 @@ __all__ = [
     "StableDiffusion3Family",
     "StableDiffusionXLFamily",
     "TrainingPipeline",
+    "ZImageFamily",
     "family_for_class",
     "family_for_pipeline",
     "load_pipeline",

@@ -8,6 +8,7 @@ from .qwenimage import QwenImageFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
+from .zimage import ZImageFamily
 
 # a new family is one module in this folder and one entry here
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -16,6 +17,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     StableDiffusion3Family(),
     FluxFamily(),
     QwenImageFamily(),
+    ZImageFamily(),
 )
 
 

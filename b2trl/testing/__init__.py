@@ -14,6 +14,8 @@
   schnell's) shape for the cost benchmark.
 - [`build_tiny_qwenimage_pipeline`], [`build_qwenimage_pipeline`]: a tiny Qwen-Image pipeline for tests, and
   Qwen-Image's shape (or its layout at narrow width), for the cost benchmark.
+- [`build_tiny_zimage_pipeline`], [`build_zimage_pipeline`]: a tiny Z-Image pipeline for tests (with a local
+  Qwen-style tokenizer, [`qwen_char_tokenizer`]), and Z-Image's shape (or its layout at narrow width).
 
 Importing this module imports only torch; diffusers and transformers are imported by the builders.
 """
@@ -24,6 +26,7 @@ from .qwenimage import build_qwenimage_pipeline, build_tiny_qwenimage_pipeline, 
 from .sd import build_sd15_pipeline, build_tiny_pipeline, build_toy_components
 from .sd3 import build_sd35_medium_pipeline, build_tiny_sd3_pipeline, build_toy_sd3_components
 from .sdxl import build_sdxl_pipeline, build_tiny_sdxl_pipeline, build_tiny_sdxl_vae
+from .zimage import build_tiny_zimage_pipeline, build_zimage_pipeline, qwen_char_tokenizer
 
 __all__ = [
     "assemble_pipeline",
@@ -38,11 +41,14 @@ __all__ = [
     "build_tiny_sd3_pipeline",
     "build_tiny_sdxl_pipeline",
     "build_tiny_sdxl_vae",
+    "build_tiny_zimage_pipeline",
     "build_toy_components",
     "build_toy_sd3_components",
+    "build_zimage_pipeline",
     "char_tokenizer",
     "ddim_scheduler",
     "qwen_tokenizer",
+    "qwen_char_tokenizer",
     "t5_char_tokenizer",
     "write_char_tokenizer",
 ]
