@@ -29,13 +29,8 @@ RESOLUTION = 16  # FluxPipeline's own default, 128 x the VAE's factor, is far to
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    """A tiny FLUX.1-dev-shaped pipeline (guidance embedding, resolution-dependent shift) saved to disk."""
-    from b2trl.testing import build_tiny_flux_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny-flux")
-    build_tiny_flux_pipeline(str(folder), t5_max_length=T5_LENGTH)
-    return str(folder)
+def flux_dir(tiny_flux_dir):
+    return tiny_flux_dir
 
 
 @pytest.fixture(scope="module")

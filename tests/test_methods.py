@@ -10,9 +10,10 @@ from b2trl.methods import METHODS, resolve
 from helpers import brightness_reward, cycling_prompts
 
 STEPS, PROMPTS_PER_BATCH = 6, 2
-# the families a method supports, by the tiny pipeline fixture that builds each
-ANY_FAMILY = ("tiny_model_dir", "tiny_sdxl_dir", "tiny_sd3_dir")
-FLOW_FAMILY = ("tiny_sd3_dir",)
+# the families a method supports, by the tiny pipeline fixture that builds each (and the resolution to train at:
+# FLUX's and Qwen-Image's own defaults are too large for a CPU)
+FLOW_FAMILY = {"tiny_sd3_dir": None, "tiny_flux_dir": 16, "tiny_qwenimage_dir": 16, "tiny_zimage_dir": None}
+ANY_FAMILY = {"tiny_model_dir": None, "tiny_sdxl_dir": None, **FLOW_FAMILY}
 CASES = [(name, fixture) for name, method in METHODS.items()
          for fixture in (FLOW_FAMILY if method.samplers else ANY_FAMILY)]
 
@@ -32,15 +33,29 @@ def _config(name, **overrides):
     return B2DiffuRLConfig.for_method(name, **values)
 
 
-def _calls(denoiser, calls):
-    """Record every denoiser call: (rows, first row's timestep, whether gradients were on)."""
+def _calls(trainer, calls):
+    """Record every denoiser call: (phase, rows, first row's timestep, whether gradients were on), the phase being
+    the trainer's step the call ran in."""
+    phase = ["setup"]
+
+    def in_phase(name, method):
+        def run(*args, **kwargs):
+            phase[0] = name
+            return method(*args, **kwargs)
+
+        return run
+
+    trainer.sample_stage = in_phase("sampling", trainer.sample_stage)
+    trainer.train_stage = in_phase("training", trainer.train_stage)
 
     def hook(module, args, kwargs):
-        latents = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        calls.append((latents.shape[0], float(timestep.reshape(-1)[0]), torch.is_grad_enabled()))
+        # UNets take (sample, timestep), the MMDiTs hidden_states= and timestep=, Z-Image a list x= and t=
+        latents = args[0] if args else next(kwargs[k] for k in ("sample", "hidden_states", "x") if k in kwargs)
+        timestep = args[1] if len(args) > 1 else next(kwargs[k] for k in ("timestep", "t") if k in kwargs)
+        rows = len(latents) if isinstance(latents, list) else latents.shape[0]
+        calls.append((phase[0], rows, float(timestep.reshape(-1)[0]), torch.is_grad_enabled()))
 
-    return denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    return trainer.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def test_every_method_is_listed_with_a_description_and_a_source():
@@ -81,11 +96,11 @@ def test_flow_methods_are_refused_on_a_ddim_model_by_name(tiny_model_dir):
 
 @pytest.mark.parametrize("name, fixture", CASES)
 def test_each_method_trains_a_stage_in_its_shape(name, fixture, request):
-    config = _config(name)
+    config = _config(name, resolution=ANY_FAMILY[fixture])
     pipeline = load_pipeline(request.getfixturevalue(fixture))
     trainer = B2DiffuRLTrainer(config, brightness_reward, cycling_prompts(), pipeline)
     calls = []
-    handle = _calls(trainer.denoiser, calls)
+    handle = _calls(trainer, calls)
     try:
         trainer.train()
     finally:
@@ -94,15 +109,17 @@ def test_each_method_trains_a_stage_in_its_shape(name, fixture, request):
     first, end = config.interval_schedule.interval(0, STEPS)
     n, b = config.num_branches, PROMPTS_PER_BATCH
     cfg = 2 if trainer.negative_conditioning is not None else 1
-    sampling, rest = calls[:STEPS], calls[STEPS:]
+    # sampling: rows per step, summed over the calls at one timestep (a family may run guidance's halves as two)
+    sampling = [call for call in calls if call[0] == "sampling"]
+    schedule = list(dict.fromkeys(t for _, _, t, _ in sampling))
+    rows = [sum(r for _, r, t, _ in sampling if t == step) for step in schedule]
     prefix_rows = b * n if config.independent_noise else b
-    assert [rows for rows, _, _ in sampling] == [prefix_rows * cfg] * first + [b * n * cfg] * (STEPS - first)
-    assert not any(grad for _, _, grad in sampling)
-    schedule = [t for _, t, _ in sampling]
-    trained = {t for _, t, grad in rest if grad}
+    assert len(schedule) == STEPS and not any(grad for *_, grad in sampling)
+    assert rows == [prefix_rows * cfg] * first + [b * n * cfg] * (STEPS - first)
+    trained = {t for phase, _, t, grad in calls if phase == "training" and grad}
     assert trained and trained <= set(schedule[first:end])  # gradients only at the method's interval
     stats = trainer.last_stage_stats
     assert (stats["branch_point"], stats["interval_end"]) == (first, end)
     assert stats["optimizer_steps"] > 0 and stats["samples_total"] == b * n
-    assert stats["compute/sampling_rows"] == sum(rows for rows, _, _ in sampling)
+    assert stats["compute/sampling_rows"] == sum(rows)
     assert (trainer.ema is not None) == (config.ema_decay > 0)

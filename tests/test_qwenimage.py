@@ -25,13 +25,8 @@ PROMPTS = ["a red circle", "a cat", "a blue square on a table", "a dog in snow"]
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    """A tiny Qwen-Image pipeline (random weights, Qwen-Image's scheduler) saved to disk."""
-    from b2trl.testing import build_tiny_qwenimage_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny-qwenimage")
-    build_tiny_qwenimage_pipeline(str(folder))
-    return str(folder)
+def qwen_dir(tiny_qwenimage_dir):
+    return tiny_qwenimage_dir
 
 
 @pytest.fixture(scope="module")

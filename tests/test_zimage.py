@@ -24,13 +24,8 @@ PROMPTS = ("a red circle", "a blue square, a much longer prompt than the first")
 
 
 @pytest.fixture(scope="module")
-def zimage_dir(tmp_path_factory):
-    """A tiny Z-Image pipeline (random weights, flow-matching Euler scheduler with shift 3) saved to disk."""
-    from b2trl.testing import build_tiny_zimage_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny-zimage")
-    build_tiny_zimage_pipeline(str(folder))
-    return str(folder)
+def zimage_dir(tiny_zimage_dir):
+    return tiny_zimage_dir
 
 
 def _load(folder, family=None):
