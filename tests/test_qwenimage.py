@@ -355,7 +355,7 @@ def test_training_touches_only_the_interval_and_the_lora_round_trips_through_dif
     card = (tmp_path / "lora" / "README.md").read_text()
     assert "QwenImagePipeline" in card and "- qwen-image" in card and "flow-matching SDE" in card
     # the snippet samples as training did: the text length, true CFG with the negative prompt, the size
-    assert "max_sequence_length=512, true_cfg_scale=4.0, negative_prompt='', height=16, width=16)" in card
+    assert "true_cfg_scale=4.0, negative_prompt='', max_sequence_length=512, height=16, width=16)" in card
 
     # the pipeline with the saved LoRA draws the trained model's images
     reference.load_lora_weights(out)
