@@ -2,15 +2,18 @@
 
 A *row* is one sample through the denoiser at one step; classifier-free guidance runs two (the unconditional and
 the conditional half). Sampling and the reference policy's passes are forward rows. A training row is a forward
-and a backward pass, counted as `TRAINING_ROW_COST` forward rows — the ratio measured on a CPU for the toy
-model's UNet with a LoRA adapter (`benchmarks/cost.py` recounts rows with a hook on the denoiser and checks this
-counter). Seconds are the wall time of sampling, rewards and training.
+and a backward pass, counted as `TRAINING_ROW_COST` forward rows: the ratio of a forward+backward call to a no-grad
+forward of the same rows, measured with `benchmarks/row_cost.py` on a 2-core CPU for both shipped toy models with
+their LoRA adapter, at the study's training micro-batch (32 rows): 2.29–2.39 for the SD toy's UNet and 2.27–2.43 for
+the flow toy's transformer over two runs (benchmarks/results/row_cost_cpu.json). Gradient checkpointing adds
+another forward (about one more row). `benchmarks/cost.py` recounts the rows with a hook on the denoiser and checks
+this counter. Seconds are the wall time of sampling, rewards and training.
 """
 
 from __future__ import annotations
 
-# a training row (forward + backward) in forward-row equivalents; see benchmarks/cost.py --training_row_cost
-TRAINING_ROW_COST = 3.0
+# a training row (forward + backward) in forward-row equivalents, measured by benchmarks/row_cost.py
+TRAINING_ROW_COST = 2.4
 
 KINDS = ("sampling", "reference", "training")
 

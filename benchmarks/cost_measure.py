@@ -283,11 +283,16 @@ def measure_method(method: str, args) -> dict:
         meter = CostMeter(pipeline.denoiser, pipeline.vae, args.device)
         common.run_in_phases(trainer, meter.phase)
         global_step = 0
+        counted = {}
         try:
             for epoch in range(args.repeats):
                 meter.reset()
+                before = dict(getattr(trainer, "compute", None).rows) if method in ("b2", "b2_dpo") else None
                 with meter.phase("step"):
                     global_step = trainer.step(epoch, global_step)
+                if before is not None:
+                    # the trainer's own count of this stage's denoiser rows, checked against the meter's hook
+                    counted = {kind: rows - before[kind] for kind, rows in trainer.compute.rows.items()}
         finally:
             meter.close()
         images = args.prompts * args.branches * args.batches
@@ -303,6 +308,7 @@ def measure_method(method: str, args) -> dict:
                 reward_mean=stats["reward_mean"],
                 # the DPO loss's reference pass (the base model's log-probs of the kept transitions), in training
                 reference_seconds=stats.get("time/reference"),
+                compute_counter_rows=counted,
             )
         else:
             result = summarise_meter(meter, method)

@@ -185,6 +185,14 @@ def build_report(args, methods: dict, optimisations=None) -> dict:
         reference_rows = args.cfg_rows * dpo["samples_kept"] * dpo["interval_length"]
         checks["b2_dpo_training_rows"] = (dpo["unet_rows"]["training"],
                                           args.cfg_rows * dpo["transitions_trained"] + reference_rows)
+    for name in ("b2", "b2_dpo"):
+        counted = methods.get(name, {}).get("compute_counter_rows")
+        if counted:
+            # the trainer's compute/denoiser_rows counter against the hook's count (the reference pass runs in the
+            # training phase)
+            rows = methods[name]["unet_rows"]
+            checks[f"{name}_compute_counter_sampling"] = (counted["sampling"], rows["sampling"])
+            checks[f"{name}_compute_counter_training"] = (counted["training"] + counted["reference"], rows["training"])
     if "ddpo" in methods:
         checks["ddpo_sampling_rows"] = (methods["ddpo"]["unet_rows"]["sampling"], expected["ddpo_sampling"])
         checks["ddpo_training_rows"] = (methods["ddpo"]["unet_rows"]["training"], expected["ddpo_training"])

@@ -48,7 +48,9 @@ def test_counts_follow_each_methods_structure(cost, tmp_path):
     for method in (b2, ddpo):
         assert method["unet_rows"]["outside"] == 0 and method["unet_rows"]["reward"] == 0
         assert method["unet_rows"]["step"] == 0  # all of it is charged to sampling or training
-    assert all(check["ok"] for check in report["checks"].values()) and len(report["checks"]) == 4
+    # the trainer's own compute counter agrees with the hook's count of denoiser rows
+    assert b2["compute_counter_rows"] == {"sampling": 32, "reference": 0, "training": 2 * kept * L}
+    assert all(check["ok"] for check in report["checks"].values()) and len(report["checks"]) == 6
 
     # rates and ratios are derived from those counts and the measured times
     for method in (b2, ddpo):
@@ -103,6 +105,9 @@ def test_dpo_stage_adds_one_reference_row_per_kept_transition_and_reports_its_co
     # the policy's rows and, once per stage, the reference's: CFG doubles both
     assert dpo["unet_rows"]["training"] == 2 * dpo["samples_kept"] * L + 2 * dpo["samples_kept"] * L
     assert report["checks"]["b2_dpo_training_rows"]["ok"]
+    # the counter counts the reference rows on their own
+    assert dpo["compute_counter_rows"]["reference"] == 2 * dpo["samples_kept"] * L
+    assert report["checks"]["b2_dpo_compute_counter_training"]["ok"]
     assert 0 < dpo["reference_seconds"] < dpo["seconds"]["training"]
     share = report["dpo_vs_ppo"]["reference_share_of_training"]
     assert share == pytest.approx(dpo["reference_seconds"] / dpo["seconds"]["training"])
@@ -168,7 +173,7 @@ def test_sd3_shape_runs_b2_and_plain_sd3_sampling_with_the_t5_length(cost, capsy
     assert b2["unet_calls"]["sampling"] == T
     assert b2["unet_rows"]["training"] == 2 * b2["samples_kept"] * L > 0
     assert b2["vae_decode_rows"] == 6
-    assert all(check["ok"] for check in report["checks"].values()) and len(report["checks"]) == 2
+    assert all(check["ok"] for check in report["checks"].values()) and len(report["checks"]) == 4
     # plain diffusers SD3 sampling: two batches of 4, T5 padded to the tokenizer's length as the SD3 family pads it
     assert plain["images"] == 8 and plain["unet_rows"]["sampling"] == 2 * 8 * T and plain["vae_decode_rows"] == 8
     assert len(calls) == 2 and all(length == used == 16 and "eta" not in kw for length, used, kw in calls)
@@ -236,7 +241,7 @@ def test_flux_shape_runs_b2_and_plain_flux_sampling_one_row_per_image(cost, caps
     assert b2["unet_calls"]["sampling"] == T
     assert b2["unet_rows"]["training"] == b2["samples_kept"] * L > 0
     assert b2["vae_decode_rows"] == 6
-    assert all(check["ok"] for check in report["checks"].values()) and len(report["checks"]) == 2
+    assert all(check["ok"] for check in report["checks"].values()) and len(report["checks"]) == 4
     # plain diffusers FLUX sampling: two batches of 4 at the built size, T5 padded as the FLUX family pads it
     assert plain["images"] == 8 and plain["unet_rows"]["sampling"] == 8 * T and plain["vae_decode_rows"] == 8
     assert len(calls) == 2
