@@ -148,7 +148,7 @@ def test_embeds_tensor_conditions_like_the_conditioning(trainer):
     samples, _ = trainer._generate_samples(1, 2)
     sample = samples[0]
     latents, timesteps, next_latents, log_probs = _step(sample, j=1)
-    advantages = torch.linspace(-1.0, 1.0, latents.shape[0])
+    advantages = torch.linspace(-1.0, 1.0, latents.shape[0], device=latents.device)
     prompt, negative = sample["prompt_embeds"], sample["negative_prompt_embeds"]
 
     def loss(embeds):
@@ -172,7 +172,7 @@ def test_without_guidance_the_tensor_is_the_prompt_embeddings(tiny_model_dir):
     sample = samples[0]
     assert "negative_prompt_embeds" not in sample and "prompt_ids" in sample
     latents, timesteps, next_latents, log_probs = _step(sample)
-    advantages = torch.ones(latents.shape[0])
+    advantages = torch.ones(latents.shape[0], device=latents.device)
     with torch.no_grad():
         _, approx_kl, clipfrac = trainer.calculate_loss(latents, timesteps, next_latents, log_probs, advantages,
                                                         sample["prompt_embeds"])
@@ -186,7 +186,7 @@ def test_wrong_rows_and_types_are_refused(trainer):
     samples, _ = trainer._generate_samples(1, 2)
     sample = samples[0]
     latents, timesteps, next_latents, log_probs = _step(sample)
-    advantages = torch.ones(latents.shape[0])
+    advantages = torch.ones(latents.shape[0], device=latents.device)
     args = (latents, timesteps, next_latents, log_probs, advantages)
     with pytest.raises(ValueError, match=r"embeds has 5 rows for 6 rows of latents; expected 12 .* or 6"):
         trainer.calculate_loss(*args, sample["prompt_embeds"][:5])
@@ -202,7 +202,7 @@ def test_a_tensor_cannot_condition_a_family_that_needs_more(tiny_sdxl_dir):
     sample = samples[0]
     assert not {"prompt_ids", "prompt_embeds", "negative_prompt_embeds"} & set(sample)
     latents, timesteps, next_latents, log_probs = _step(sample)
-    args = (latents, timesteps, next_latents, log_probs, torch.ones(latents.shape[0]))
+    args = (latents, timesteps, next_latents, log_probs, torch.ones(latents.shape[0], device=latents.device))
     with pytest.raises(ValueError, match=r"sdxl family's unet takes more than encoder_hidden_states.*Conditioning"):
         trainer.calculate_loss(*args, sample["cond.encoder_hidden_states"])
     with torch.no_grad():
