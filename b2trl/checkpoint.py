@@ -15,7 +15,6 @@ import shutil
 from typing import Optional
 
 STATE_FILE = "b2trl_state.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 _NAME = re.compile(r"^checkpoint_(\d+)$")
 
 
@@ -132,10 +131,3 @@ def save_stage(accelerator, root: str, stage: int, state: dict) -> str:
     accelerator.wait_for_everyone()
     return final
 
-
-def load_lora_into_unet(unet, folder: str, adapter_name: str = "default") -> None:
-    """Load SD LoRA weights saved in diffusers' layout into the UNet's existing adapter (see
-    [`~b2trl.models.ModelFamily.load_lora`], which this calls for the SD1.x family)."""
-    from .models import StableDiffusionFamily
-
-    StableDiffusionFamily().load_lora(unet, folder, adapter_name=adapter_name)

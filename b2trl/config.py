@@ -77,7 +77,7 @@ class B2DiffuRLConfig(DDPOConfig):
         drop_nonfinite_rewards (`bool`, *optional*, defaults to `False`):
             Drop samples whose reward is NaN/inf (with a warning) instead of raising an error.
         compile_unet (`bool`, *optional*, defaults to `False`):
-            Compile the UNet with `torch.compile`, in place (see [`~b2trl.pipeline.compile_unet`]): parameter names,
+            Compile the UNet with `torch.compile`, in place (see [`~b2trl.accelerator.compile_unet`]): parameter names,
             LoRA saving and loading and DDP wrapping are unchanged. Compilation takes minutes at the start.
         compile_unet_kwargs (`dict`, *optional*, defaults to `{}`):
             Keyword arguments for `torch.compile` when `compile_unet` is set (`mode`, `backend`, `dynamic`,

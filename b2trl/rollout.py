@@ -171,11 +171,13 @@ def branch_rollout(
         forks = num_branches
     batch = len(conditioning)
     device = next(iter(conditioning.cond.values())).device
-    image_size = image_size or family.image_size(pipeline)
-    schedule = family.schedule_kwargs(pipeline, num_inference_steps, image_size)
+    # sizes come from the diffusers pipeline itself: TRL's wrapper does not forward e.g. its vae_scale_factor
+    pipe = getattr(pipeline, "sd_pipeline", pipeline)
+    image_size = image_size or family.image_size(pipe)
+    schedule = family.schedule_kwargs(pipe, num_inference_steps, image_size)
     timesteps = sampler.timesteps(scheduler, num_inference_steps, device, **schedule)
     if latents is None:
-        shape = family.latent_shape(pipeline, batch, image_size)
+        shape = family.latent_shape(pipe, batch, image_size)
         noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         latents = (noise * sampler.initial_noise_sigma(scheduler)).to(denoiser.dtype)
     denoise = dict(guidance_scale=guidance_scale, generator=generator)

@@ -99,7 +99,9 @@ class StageSampling:
         forking at `branch_point` and recorded until `interval_end` (the last step by default). Returns one
         DDPO-layout sample dict per batch (rows grouped by prompt, time axis = interval steps, the prompt's
         conditioning under ``cond.*`` keys and the unconditional half under ``uncond.*`` keys, as views of the one
-        row the trainer holds) and one [`~b2trl.stage.SampleBatch`] per batch.
+        row the trainer holds) and one [`~b2trl.stage.SampleBatch`] per batch. For a family that TRL's DDPO
+        trains (SD1.x), each dict also carries TRL's keys ``prompt_ids``, ``prompt_embeds`` and (with guidance)
+        ``negative_prompt_embeds``, the same tensors as ``cond.*`` and ``uncond.*`` under TRL's names.
         """
         samples, batches = [], []
         for prompts, metadata, conditioning, rollout in self._rollouts(iterations, batch_size, branch_point,
@@ -109,6 +111,8 @@ class StageSampling:
             # the unconditional half per row, as TRL's sample dicts carry it: views of the one row held, not copies
             for key, value in (self.negative_conditioning or {}).items():
                 sample[f"uncond.{key}"] = value.expand(rows, *value.shape[1:])
+            sample.update(self.family.trl_sample_keys(self.sd_pipeline.sd_pipeline, prompts, sample,
+                                                      self.config.num_branches))
             samples.append(sample)
             batches.append(rollout.sample_batch(prompts, metadata))
         return samples, batches

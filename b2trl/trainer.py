@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from trl import DDPOTrainer
 
 from . import checkpoint as ckpt
+from .accelerator import build_accelerator
 from .advantages import build_rule
 from .compute import ComputeCounter
 from .config import B2DiffuRLConfig
@@ -29,7 +30,6 @@ from .losses import build_loss
 from .losses.reference import ReferencePolicy
 from .methods import check_sampler
 from .models import family_for_pipeline
-from .pipeline import build_accelerator
 from .sampling import StageSampling
 from .scoring import NegativeSkewWatch, stage_statistics
 from .stage import Stage
@@ -138,7 +138,7 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
         if config.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         if config.compile_unet:
-            from .pipeline import compile_unet
+            from .accelerator import compile_unet
 
             # in place, after the LoRA adapter exists: the prepared (possibly DDP-wrapped) module is unchanged
             compile_unet(self.denoiser, **config.compile_unet_kwargs)

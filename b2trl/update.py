@@ -137,17 +137,33 @@ class PolicyUpdate:
                 chunk_size=chunk, predictions=self.config.kl_coef > 0, negative=negative,
             )
 
-    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, conditioning: Conditioning):
+    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
         """
         The loss of one interval step for a micro-batch, as [`~trl.DDPOTrainer.calculate_loss`] computes it, but
         evaluated through the *prepared* denoiser so that distributed wrappers synchronise gradients (TRL's
-        version calls the bare UNet). `conditioning` replaces TRL's ``cat([negative, prompt])`` embeddings.
+        version calls the bare UNet).
+
+        Args:
+            latents, timesteps, next_latents, log_probs, advantages (`torch.Tensor`):
+                One interval step of `B` rows, as TRL passes them (``sample["latents"][:, j]``, ...).
+            embeds ([`~b2trl.models.Conditioning`] or `torch.Tensor`):
+                The rows' conditioning: a `Conditioning` (any family; e.g. ``Conditioning.from_rows(sample)``), or,
+                for SD1.x, TRL's embeddings tensor: ``cat([negative_prompt_embeds, prompt_embeds])`` (`2B` rows)
+                when guidance is on (`train_cfg`), or ``prompt_embeds`` alone (`B` rows; under guidance the
+                unconditional half is then the trainer's negative prompt).
 
         Returns:
             `(loss, approx_kl, clipfrac)`, scalars.
         """
+        if not isinstance(embeds, Conditioning):
+            if not torch.is_tensor(embeds):
+                raise TypeError(
+                    f"calculate_loss: embeds must be a Conditioning or TRL's prompt-embeddings tensor, got "
+                    f"{type(embeds).__name__}."
+                )
+            embeds = self.family.conditioning_from_embeds(embeds, latents.shape[0], self.negative_conditioning)
         batch = {
-            **conditioning.to_rows(), "latents": latents, "timesteps": timesteps, "next_latents": next_latents,
+            **embeds.to_rows(), "latents": latents, "timesteps": timesteps, "next_latents": next_latents,
             "log_probs": log_probs, "advantages": advantages,
         }
         out = self.micro_batch_loss(batch)

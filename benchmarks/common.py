@@ -81,7 +81,7 @@ def quiet_ddpo_trainer(config, reward_fn, prompt_fn, pipeline):
     """
     from trl import DDPOTrainer
 
-    from b2trl.pipeline import ensure_accelerate_state
+    from b2trl.accelerator import ensure_accelerate_state
 
     ensure_accelerate_state()  # TRL 0.23.1 logs through accelerate before it creates the state
     with warnings.catch_warnings():

@@ -169,7 +169,7 @@ def run_optimisations(args) -> dict:
             lambda: unet.to(memory_format=torch.contiguous_format), speedup_of="channels_last",
         )
     if "compile" in sections:  # last: compiling in place cannot be undone
-        from b2trl.pipeline import compile_unet
+        from b2trl.accelerator import compile_unet
 
         eager = _median_times({"sampling": sample_call, "training": train_call(1)}, args.opt_repeats, cuda)
         eager_log_prob = log_prob(0)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from b2trl import checkpoint as ckpt
+from b2trl.models.base import LORA_FILE
 from helpers import lora_params, make_trainer, max_change
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
@@ -101,7 +102,7 @@ def test_sigkill_mid_stage_then_resume(tiny_model_dir, tmp_path):
         process.stderr.close()
     done = [json.loads(line)["stage"] for line in stats.read_text().splitlines()]
     assert done == [0, 1]  # stage 2 was in flight
-    saved = load_file(str(project / "checkpoints" / "checkpoint_1" / ckpt.LORA_FILE))
+    saved = load_file(str(project / "checkpoints" / "checkpoint_1" / LORA_FILE))
 
     resumed = _trainer(tiny_model_dir, project, num_epochs=3, resume_from="latest")
     assert resumed.first_epoch == 2

@@ -93,7 +93,7 @@ def test_one_fused_unet_call_per_step_covers_every_branch(tiny_model_dir):
 
 
 def test_compiled_unet_gives_the_same_log_probs_and_saves_the_same_lora(tiny_model_dir, tmp_path):
-    from b2trl.pipeline import compile_unet
+    from b2trl.accelerator import compile_unet
     from helpers import lora_params
 
     trainer = make_trainer(tiny_model_dir)

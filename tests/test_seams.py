@@ -73,7 +73,7 @@ def test_load_pipeline_returns_a_trl_pipeline_with_its_family(tiny_model_dir):
 def test_trl_own_pipeline_is_recognised_as_sd(tiny_model_dir):
     from trl import DefaultDDPOStableDiffusionPipeline
 
-    from b2trl.pipeline import ensure_accelerate_state
+    from b2trl.accelerator import ensure_accelerate_state
 
     ensure_accelerate_state()
     assert family_for_pipeline(DefaultDDPOStableDiffusionPipeline(tiny_model_dir)).name == "sd"

@@ -47,7 +47,7 @@ def test_folder_is_small_fp32_and_carries_its_t5_length(pipe):
 
 
 def test_builder_matches_shipped_weights(pipe):
-    from b2trl.testing import build_toy_sd3_components
+    from b2trl.toy.architecture import build_toy_sd3_components
 
     built = build_toy_sd3_components(pipe.tokenizer, pipe.tokenizer_3, latent_channels=pipe.vae.config.latent_channels)
     names = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")

@@ -36,6 +36,17 @@ def test_folder_is_small_and_tokenizer_loads_offline():
     assert tok.unk_token_id not in ids[1:-1] and len(ids) == 10
 
 
+def test_architecture_builds_the_shipped_modules(pipe):
+    from b2trl.toy.architecture import build_toy_components
+
+    built = build_toy_components(pipe.tokenizer)
+    for name, module in zip(("vae", "unet", "text_encoder"), built):
+        shipped = {k: v.shape for k, v in getattr(pipe, name).state_dict().items()}
+        assert {k: v.shape for k, v in module.state_dict().items()} == shipped, name
+    for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type"):
+        assert built[-1].config[key] == pipe.scheduler.config[key], key
+
+
 def test_diffusers_pipeline_generates(pipe):
     assert pipe.tokenizer.model_max_length <= pipe.text_encoder.config.max_position_embeddings
     out = pipe(["a red circle", "a blue square above a green triangle"], num_inference_steps=4, output_type="pt")

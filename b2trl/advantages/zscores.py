@@ -11,7 +11,7 @@ from .history import PromptRewardHistory
 class ZScoreRule(AdvantageRule):
     """
     Base of the rules that score a sample by its per-prompt z-score against the rewards that prompt got in this
-    stage and the previous `history_stages` stages ([`~b2trl.selection.PromptRewardHistory`]). The history is
+    stage and the previous `history_stages` stages ([`~b2trl.advantages.history.PromptRewardHistory`]). The history is
     part of a checkpoint.
     """
 

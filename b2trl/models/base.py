@@ -211,6 +211,28 @@ class ModelFamily:
         """One call of the denoiser on a batch of rows; returns its prediction."""
         raise NotImplementedError
 
+    def trl_sample_keys(self, pipe, prompts, sample: dict, num_branches: int) -> dict[str, torch.Tensor]:
+        """
+        The keys TRL's `DDPOTrainer._generate_samples` puts in a sample dict (``prompt_ids``, ``prompt_embeds``,
+        ``negative_prompt_embeds``), for a family whose conditioning TRL knows. `sample` is b2trl's sample dict of
+        `prompts`, each sampled `num_branches` times; the returned tensors share its storage where they hold the
+        same values. None by default: TRL's DDPO trains SD1.x only.
+        """
+        return {}
+
+    def conditioning_from_embeds(self, embeds: torch.Tensor, rows: int, negative: Optional[dict]) -> Conditioning:
+        """
+        The conditioning that TRL's `embeds` tensor stands for in `calculate_loss`, for `rows` latents (`negative`:
+        the trainer's unconditional half, or `None` without guidance). Refused by default: only a family whose
+        denoiser takes nothing but the prompt's embeddings (SD1.x) can be conditioned by one tensor.
+        """
+        raise ValueError(
+            f"calculate_loss: embeds is a tensor of prompt embeddings (TRL's layout), which conditions an SD1.x UNet "
+            f"only; the {self.name} family's {self.denoiser_name} takes more than encoder_hidden_states. Pass a "
+            "Conditioning instead: Conditioning.from_rows(sample) for a sample dict of _generate_samples, or "
+            "trainer.encode(prompts)."
+        )
+
     def predict(self, denoiser, latents, timesteps, conditioning: Conditioning, guidance_scale: float):
         """
         The denoiser's prediction, with classifier-free guidance when `conditioning` has an unconditional half.

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Optional
 
+from ..accelerator import ensure_accelerate_state
 from .base import LORA_FILE
 from .pipeline import TrainingPipeline
 from .registry import family_for_class, family_for_pipeline
@@ -75,8 +76,6 @@ def load_pipeline(
             A VAE to use instead of the model's own: a Hub id or folder of an `AutoencoderKL` (for SDXL in fp16,
             ``"madebyollin/sdxl-vae-fp16-fix"``, which decodes in fp16 where the released VAE must run in fp32).
     """
-    from ..pipeline import ensure_accelerate_state
-
     ensure_accelerate_state()
     model = pretrained_model_name_or_path
     path = os.path.expanduser(model)
@@ -118,8 +117,6 @@ def wrap_pipeline(pipe, *, use_lora: bool = True):
     Useful for pipelines built from configs (random weights, benchmarks) or modified before training, without
     a round trip through `save_pretrained`.
     """
-    from ..pipeline import ensure_accelerate_state
-
     ensure_accelerate_state()
     family = family_for_pipeline(pipe)
     family.prepare(pipe, use_lora=use_lora)

@@ -1,10 +1,13 @@
-"""What the config-built pipelines share: offline tokenizers, the DDIM scheduler, pipeline assembly."""
+"""What the config-built pipelines share: offline tokenizers, tiny VAE and CLIP configs, and (from the toy
+model's architecture) SD1.x's DDIM scheduler and the pipeline assembly."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+
+from ..toy.architecture import assemble_pipeline, ddim_scheduler  # noqa: F401  (shared by the builders)
 
 # ids of the special tokens of the character tokenizer below (after its 2 x 256 byte tokens)
 _CHAR_BOS, _CHAR_EOS = 512, 513
@@ -44,31 +47,6 @@ def char_tokenizer(model_max_length: int = 16):
         write_char_tokenizer(folder, model_max_length)
         return CLIPTokenizer.from_pretrained(folder)
 
-
-def ddim_scheduler():
-    """Stable Diffusion 1.x's noise schedule (scaled-linear betas 0.00085-0.012, 1000 steps) with DDIM sampling."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
-def assemble_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler):
-    """A `StableDiffusionPipeline` of the given parts, without safety checker or feature extractor."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 

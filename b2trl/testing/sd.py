@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x pipelines built from configs: the tiny test pipeline, the SD1.5 shape, the toy model."""
+"""Stable Diffusion 1.x pipelines built from configs: the tiny test pipeline and the SD1.5 shape."""
 
 from __future__ import annotations
 
@@ -105,52 +105,3 @@ def build_sd15_pipeline(resolution: int = 512, tiny_width: bool = False, seed: i
     return assemble_pipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=char_tokenizer(max_length), unet=unet, scheduler=ddim_scheduler()
     )
-
-
-def build_toy_components(tokenizer):
-    """
-    The shipped toy-world model's architecture with random weights: ``(vae, unet, text_encoder, scheduler)`` for
-    `tokenizer` (its vocabulary size, special tokens and ``model_max_length``). 32x32 images, 8x8x4 latents;
-    ``b2trl.toy.pretrain`` trains these from scratch and ``b2trl/toy/model/README.md`` describes them.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 96),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        cross_attention_dim=64,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            projection_dim=64,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    return vae, unet, text_encoder, ddim_scheduler()

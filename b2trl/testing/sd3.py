@@ -1,4 +1,4 @@
-"""SD3-family pipelines built from configs: the tiny test pipeline, the flow toy model, and the SD3.5 Medium shape."""
+"""SD3-family pipelines built from configs: the tiny test pipeline and the SD3.5 Medium shape."""
 
 from __future__ import annotations
 
@@ -100,71 +100,6 @@ def build_tiny_sd3_pipeline(
     if output_dir is not None:
         pipe.save_pretrained(output_dir)
     return pipe
-
-
-def build_toy_sd3_components(clip_tokenizer, t5_tokenizer, latent_channels: int = 4):
-    """
-    The shipped toy flow model's architecture with random weights, for ``b2trl.toy.pretrain_flow``:
-    ``(transformer, text_encoder, text_encoder_2, text_encoder_3, scheduler)``. The VAE is not built: the flow
-    model reuses the SD toy model's trained one (32x32 images, 8x8 latents of `latent_channels` channels).
-
-    - `SD3Transformer2DModel`: patch 2 over 8x8 latents (16 image tokens), 4 joint blocks of 4 heads x 32 with
-      RMS-normed queries and keys, text width 128, pooled width 128;
-    - two `CLIPTextModelWithProjection` (width 64, 3 layers, projection 64) for `clip_tokenizer` (both use the
-      same tokenizer), whose penultimate states and projections SD3 concatenates;
-    - a 2-layer `T5EncoderModel` of width 128 (gated GELU) for `t5_tokenizer`;
-    - `FlowMatchEulerDiscreteScheduler` with shift 3.0, as SD3 ships.
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    def clip():
-        return CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=len(clip_tokenizer),
-                hidden_size=64,
-                intermediate_size=256,
-                num_hidden_layers=3,  # SD3 reads the penultimate layer
-                num_attention_heads=4,
-                max_position_embeddings=clip_tokenizer.model_max_length,
-                projection_dim=64,
-                bos_token_id=clip_tokenizer.bos_token_id,
-                eos_token_id=clip_tokenizer.eos_token_id,
-                pad_token_id=clip_tokenizer.pad_token_id,
-            )
-        )
-
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        num_layers=4,
-        attention_head_dim=32,
-        num_attention_heads=4,
-        joint_attention_dim=128,
-        caption_projection_dim=128,  # the transformer's width, 4 x 32
-        pooled_projection_dim=2 * 64,  # both CLIP projections side by side
-        pos_embed_max_size=4,
-        qk_norm="rms_norm",
-    )
-    text_encoder, text_encoder_2 = clip(), clip()
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=128,
-            d_kv=32,
-            d_ff=256,
-            num_layers=2,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            dropout_rate=0.0,
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-            decoder_start_token_id=t5_tokenizer.pad_token_id,
-        )
-    )
-    return transformer, text_encoder, text_encoder_2, text_encoder_3, FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
 def build_sd35_medium_pipeline(resolution: int = 1024, tiny_width: bool = False, seed: int = 0, with_t5: bool = True,

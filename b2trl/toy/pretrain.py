@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# the architecture is built where the other config-built pipelines are, so tests build it without training it
-from ..testing import assemble_pipeline, build_toy_components
+from .architecture import assemble_pipeline, build_toy_components
 from .reward import alignment_reward, score_attributes
 from .world import COLOURS, RELATIONS, SHAPES, render, sample_train_prompts, train_prompts
 

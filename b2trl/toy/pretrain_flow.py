@@ -5,7 +5,7 @@
 The flow model reuses what the SD toy model (``b2trl.toy.model_path()``) learned: its trained VAE, re-centred for
 SD3's latent convention (``shift_factor`` and ``scaling_factor`` measured on the training latents), and its CLIP
 tokenizer. New are a Unigram T5 tokenizer built by hand over the prompt words, two small CLIP text encoders with
-projections, a small T5 encoder and an MMDiT transformer (``b2trl.testing.build_toy_sd3_components``), all
+projections, a small T5 encoder and an MMDiT transformer (``b2trl.toy.architecture.build_toy_sd3_components``), all
 trained jointly from scratch with the flow-matching loss: x_t = (1 - σ) x_0 + σ ε, target ε - x_0 (the velocity
 diffusers' Euler step integrates), σ drawn as a logit-normal shifted by 3, timestep 1000 σ, 10% empty prompts for
 classifier-free guidance, EMA weights.
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..testing import build_toy_sd3_components
+from .architecture import build_toy_sd3_components
 from .evaluate import evaluate_alignment
 from .pretrain import CheckpointPicker, _to_model, add_training_arguments, ema_update, tokenize
 from .world import COLOURS, RELATIONS, SHAPES, heldout_prompts, render, sample_train_prompts, train_prompts

@@ -1,7 +1,6 @@
 """Process state, the accelerator and compilation: what a training run sets up around its pipeline.
 
-`load_pipeline` and `wrap_pipeline` live in [`b2trl.models`] (they pick the model family); they are importable
-from here too.
+Loading a pipeline is [`b2trl.models.load_pipeline`] (it picks the model family).
 """
 
 from __future__ import annotations
@@ -78,11 +77,3 @@ def compile_unet(unet, **compile_kwargs):
     unet.compile(**compile_kwargs)
     return unet
 
-
-def __getattr__(name):
-    # load_pipeline / wrap_pipeline moved to b2trl.models; imported lazily (b2trl.models imports this module)
-    if name in ("load_pipeline", "wrap_pipeline"):
-        from . import models
-
-        return getattr(models, name)
-    raise AttributeError(f"module 'b2trl.pipeline' has no attribute {name!r}")
