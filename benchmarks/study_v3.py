@@ -55,7 +55,8 @@ STUDY = {
 }
 # the toy scale, shared by every method (v2's shared block); per model, the learning rate of v2
 SHARED = {
-    "sample_num_steps": 20, "sample_eta": 1.0, "sample_guidance_scale": 5.0, "train_batch_size": 8,
+    "sample_num_steps": 20, "sample_eta": 1.0, "sample_guidance_scale": 5.0, "sample_num_batches_per_epoch": 1,
+    "train_batch_size": 8,
     "train_gradient_accumulation_steps": 1, "train_max_grad_norm": 1.0, "train_adv_clip_max": 5.0,
     "history_stages": 4, "mixed_precision": "no",
 }
@@ -287,7 +288,7 @@ def main(argv=None):
 
     results = Path(args.output_dir or RESULTS)
     page = results / "study_v3.md" if args.quick or args.output_dir else REPO / "docs" / "study_v3.md"
-    print(study_v3_report.write_report(results, page))
+    print(study_v3_report.write_report(results, page, order=list(METHODS)))
 
 
 if __name__ == "__main__":

@@ -60,11 +60,12 @@ def _at(record: dict, label: str, task: str):
     return None if point is None else metric(point, task)
 
 
-def summarize(records: list[dict], task: str) -> dict:
+def summarize(records: list[dict], task: str, order=()) -> dict:
     """Per method: its seeds' scores at every compute and image point, collapses, compute to reach base + 0.05."""
     base = float(np.mean([metric(r["curve"][0], task) for r in records]))
     methods = {}
-    for record in records:
+    rank = {name: i for i, name in enumerate(order)}
+    for record in sorted(records, key=lambda r: (rank.get(r["method"], len(rank)), r["method"])):
         methods.setdefault(record["method"], []).append(record)
     points = sorted({p["label"] for r in records for p in r["curve"] if p["label"].startswith("compute")})
     summary = {"base": base, "points": points, "methods": {}}
@@ -89,6 +90,11 @@ def summarize(records: list[dict], task: str) -> dict:
     return summary
 
 
+def _diversity(values) -> str:
+    values = [v for v in values if v is not None]  # one noise seed has no spread between seeds
+    return f"{np.mean(values):.1f}" if values else "—"
+
+
 def render_section(task: str, model: str, summary: dict) -> str:
     lines = [f"## {TASK_TITLES.get((task, model), f'{task}, {model}')}", ""]
     score = "the relation attribute" if task == "relation" else "alignment"
@@ -104,7 +110,7 @@ def render_section(task: str, model: str, summary: dict) -> str:
         reach = f"{m['reach_rows'] / 1e3:,.0f}k" if m["reach_rows"] is not None else "not reached"
         row = [f"`{method}`", str(len(m["seeds"])), *[_cell(m["by_point"][p]) for p in summary["points"]],
                f"{np.mean(m['images_at_budget']):,.0f}", f"{m['collapsed']} of {len(m['seeds'])}",
-               f"{np.mean(m['diversity']):.1f}", reach]
+               _diversity(m["diversity"]), reach]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "### At equal images", ""]
     header = ["method", "640 images", "1,280 images", "1,920 images"]
@@ -118,9 +124,11 @@ def render_section(task: str, model: str, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: Path, page: Path) -> Path:
+def write_report(results: Path, page: Path, order=()) -> Path:
+    """Write the page from every finished run under `results`; methods appear in `order` (then by name)."""
     found = load(results)
-    sections = [render_section(task, model, summarize(records, task)) for (task, model), records in found.items()]
+    sections = [render_section(task, model, summarize(records, task, order))
+                for (task, model), records in found.items()]
     kept = _kept_interpretation(page) if page.exists() else ""
     text = "\n".join([
         "# Study v3: methods at equal compute",
