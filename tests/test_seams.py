@@ -252,3 +252,11 @@ def test_a_small_micro_batch_stacks_more_steps_up_to_a_full_calls_rows():
     pairs = batching.micro_batches(_samples(2, 4), batch_size=4, accumulation_steps=1, group_size=2)
     for batch, _, _ in pairs:
         assert batch["timesteps"].shape[0] == 4 and torch.equal(batch["timesteps"][0::2], batch["timesteps"][1::2])
+
+
+def test_load_pipeline_loads_in_the_dtype_asked_for(tiny_model_dir):
+    from b2trl import load_pipeline
+
+    half = load_pipeline(tiny_model_dir, torch_dtype=torch.bfloat16)
+    assert half.unet.dtype == half.vae.dtype == half.text_encoder.dtype == torch.bfloat16
+    assert load_pipeline(tiny_model_dir).unet.dtype == torch.float32

@@ -58,11 +58,13 @@ def load_pipeline(
     revision: str = "main",
     use_lora: bool = True,
     pretrained_vae: Optional[str] = None,
+    torch_dtype=None,
 ):
     """
     Load a diffusers pipeline from a Hub id or a local folder and set it up for training.
 
-    The model family (SD1.x, SDXL) is read from the folder's ``model_index.json``; the result is a
+    The model family (SD1.x, SDXL, SD3/3.5, FLUX.1, Qwen-Image, Z-Image) is read from the folder's
+    ``model_index.json``; the result is a
     [`~b2trl.models.TrainingPipeline`] (a TRL `DefaultDDPOStableDiffusionPipeline`) that
     [`B2DiffuRLTrainer`] takes as `sd_pipeline`.
 
@@ -71,10 +73,13 @@ def load_pipeline(
             A diffusers pipeline folder or Hub id (e.g. ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``).
         revision (`str`, *optional*, defaults to `"main"`): Hub revision.
         use_lora (`bool`, *optional*, defaults to `True`):
-            Train a LoRA adapter (rank 4 on the denoiser's attention projections) instead of the whole denoiser.
+            Train a LoRA adapter (rank 4 on the family's usual target modules) instead of the whole denoiser.
         pretrained_vae (`str`, *optional*):
             A VAE to use instead of the model's own: a Hub id or folder of an `AutoencoderKL` (for SDXL in fp16,
             ``"madebyollin/sdxl-vae-fp16-fix"``, which decodes in fp16 where the released VAE must run in fp32).
+        torch_dtype (`torch.dtype`, *optional*): load the weights in this dtype (e.g. `torch.bfloat16` for
+            Qwen-Image or FLUX.1, whose float32 weights alone take 115 GB and 68 GB); the trainer places them in the
+            run's precision afterwards either way.
     """
     ensure_accelerate_state()
     model = pretrained_model_name_or_path
@@ -88,6 +93,8 @@ def load_pipeline(
     family = family_for_class(_model_index(model, path, revision).get("_class_name", ""), model)
     components = {} if pretrained_vae is None else {"vae": _load_vae(pretrained_vae)}
     try:
+        if torch_dtype is not None:
+            components["torch_dtype"] = torch_dtype
         pipe = family.pipeline_class.from_pretrained(path, revision=revision, **components)
     except OSError as err:
         raise OSError(f"pretrained_model: could not load {model!r}: {err}") from err
