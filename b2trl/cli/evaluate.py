@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import parsing
-from .parsing import fail
+from .errors import fail
 from .train import arg
 
 

@@ -10,7 +10,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .parsing import fail, json_object, name_the_flag
+from .config_file import json_object
+from .errors import fail, name_the_flag
 
 
 def start_processes(config):
