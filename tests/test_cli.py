@@ -249,6 +249,8 @@ def test_eval_names_the_flag_of_a_folder_without_weights(tmp_path):
         evaluate.main(["--base", "toy", "--labels", "a", "b"])
     with pytest.raises(SystemExit, match=r"^error: --base is required"):
         evaluate.main([])
+    with pytest.raises(SystemExit, match=r"^error: --resolution must be a positive multiple of the VAE's scale"):
+        evaluate.main(["--base", "toy", "--resolution", "13", "--output_dir", str(tmp_path / "out")])
 
 
 # ---------------------------------------------------------------------------------------------- errors before work
@@ -402,3 +404,16 @@ def test_metrics_start_clean_but_a_resumed_run_keeps_the_stages_before_it(tmp_pa
     MetricsWriter(str(tmp_path))  # a fresh run into the same folder
     assert (tmp_path / "metrics.jsonl").read_text() == ""
     assert (tmp_path / "metrics.csv").read_text().strip() == ""
+
+
+def test_eval_of_full_pipelines_loads_each_and_gives_the_same_noise_to_each(tiny_model_dir, tmp_path, monkeypatch):
+    from b2trl.cli import evaluate
+
+    monkeypatch.chdir(TESTS)  # for 'helpers:brightness_reward'
+    written = evaluate.main(["--base", tiny_model_dir, "--pipelines", tiny_model_dir, "--labels", "one", "two",
+                             "--prompts", "a cat", "a dog", "--seeds", "3", "--reward", "helpers:brightness_reward",
+                             "--num_inference_steps", "3", "--output_dir", str(tmp_path)])
+    scores = written["rewards"]["helpers:brightness_reward"]
+    assert written["models"] == {"one": {"model": tiny_model_dir}, "two": {"model": tiny_model_dir}}
+    assert scores["one"]["per_prompt"] == scores["two"]["per_prompt"]  # the same weights on the same noise
+    assert scores["one"]["per_prompt"]["a cat"] != scores["one"]["per_prompt"]["a dog"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import parsing
-from .errors import fail
+from .errors import fail, name_the_flag
 from .train import arg
 
 
@@ -38,7 +38,7 @@ class EvalArguments:
         "help": "One or more rewards (registered names or 'module:function'); 'auto': toy_alignment for a toy "
         "model, else aesthetic. Several show whether a gain on one is a loss on another."})
     reward_kwargs: str = arg("{}", "JSON object of keyword arguments for every reward, or keyed by reward name "
-                             "('{\"clip_score\": {\"model_name_or_path\": \"/models/clip\"}}').")
+                             "('{\"clip_score\": {\"model_name_or_path\": \"/models/clip\"}}').", metavar="JSON")
     num_inference_steps: int = arg(20, "Denoising steps.")
     guidance_scale: float = arg(5.0, "Classifier-free guidance scale (FLUX.1-dev: its embedded guidance).")
     eta: float = arg(1.0, "DDIM eta (DDIM models; flow models sample their ODE).")
@@ -53,7 +53,8 @@ class EvalArguments:
 
 
 DESCRIPTION = """Score a base model and fine-tunes of it (LoRA, EMA LoRA, full pipelines) on the same prompts under
-the same noise seeds, with one or more rewards. Prints a table (reward x model: the mean, and the spread of the
+the same noise seeds, with one or more rewards, sampled as training samples (the family's scheduler: DDIM with
+--eta for SD1.x/SDXL, the flow ODE for flow models). Prints a table (reward x model: the mean, and the spread of the
 per-seed means), writes eval.json (per seed and per prompt) and eval_grid.png (rows: prompts; columns: model and
 seed; each image with its first reward's score)."""
 
@@ -66,7 +67,7 @@ EPILOG = """examples:
 def build_parser():
     """The parser of `b2trl eval`."""
     return parsing.build_parser((EvalArguments,), prog="b2trl eval", description=DESCRIPTION, epilog=EPILOG,
-                                config_file=False)
+                                config_file=False, usage="b2trl eval --base MODEL [--lora DIR ...] [--FLAG VALUE ...]")
 
 
 def parse_args(argv=None) -> EvalArguments:
@@ -102,17 +103,28 @@ def column_labels(args: EvalArguments) -> list[str]:
     return unique
 
 
-def load(model: str, flag: str, dtype, device):
-    """A diffusers pipeline from a toy name, Hub id or folder, on `device`; failures name `flag`."""
+def load(model: str, flag: str, args: EvalArguments, dtype, device):
+    """
+    A diffusers pipeline from a toy name, Hub id or folder, set up to sample as training samples (its family's
+    scheduler, no safety checker) on `device`; a model that cannot be loaded or sampled at `--resolution` stops the
+    command with one line naming the flag.
+    """
     from diffusers import DiffusionPipeline
 
+    from ..models import family_for_pipeline
     from ..quiet import hide_known_warnings
     from .loading import model_folder
 
     try:
         pipe = DiffusionPipeline.from_pretrained(model_folder(model))
+        family = family_for_pipeline(pipe)
     except (OSError, ValueError) as err:
         fail(f"{flag} {model}: {' '.join(str(err).split())}")
+    try:
+        family.image_size(pipe, args.resolution)
+    except ValueError as err:
+        fail(name_the_flag(str(err), ["resolution"]))
+    family.prepare(pipe, use_lora=True)
     pipe.set_progress_bar_config(disable=True)
     with hide_known_warnings():
         return pipe.to(device) if dtype is None else pipe.to(device, dtype)
@@ -207,7 +219,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
 
     images, sources = {}, {}
-    pipe = load(args.base, "--base", dtype, device)
+    pipe = load(args.base, "--base", args, dtype, device)
     print(f"b2trl eval: {len(prompts)} prompts x {len(args.seeds)} seeds, {len(labels)} model(s), rewards "
           f"{', '.join(names)}")
     images[labels[0]], sources[labels[0]] = sample(pipe, prompts, args), {"model": args.base}
@@ -218,7 +230,7 @@ def main(argv=None) -> dict:
         pipe.unload_lora_weights()
     del pipe
     for label, folder in zip(labels[1 + len(loras):], args.pipelines or []):
-        images[label], sources[label] = sample(load(folder, "--pipelines", dtype, device), prompts, args), {
+        images[label], sources[label] = sample(load(folder, "--pipelines", args, dtype, device), prompts, args), {
             "model": folder}
 
     rewards = {name: {label: score(fn, batch, prompts, args.batch_size, device) for label, batch in images.items()}

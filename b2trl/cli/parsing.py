@@ -70,14 +70,14 @@ _METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", string_to_bool: "BOOL", js
 
 
 def build_parser(classes: Sequence[type], *, prog: str, description: str, epilog: str = "",
-                 config_file: bool = True) -> CommandParser:
+                 config_file: bool = True, usage: Optional[str] = None) -> CommandParser:
     """
     A parser of `classes` (dataclasses; `B2DiffuRLConfig` and `IntervalSchedule` among them for a training
     command), each field a flag, in the `--help` sections of [`~b2trl.cli.groups.SECTIONS`].
     """
     parser = CommandParser(
         tuple(classes), prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter,
-        allow_abbrev=False, usage=f"{prog} [--config FILE.yaml] [--FLAG VALUE ...]" if config_file else None,
+        allow_abbrev=False, usage=usage or f"{prog} [--config FILE.yaml] [--FLAG VALUE ...]",
     )
     if config_file:
         parser.add_argument("--config", metavar="FILE", help="A YAML file of the same field names (a nested "

@@ -64,8 +64,9 @@ def main(argv=None) -> Optional[dict]:
     os.makedirs(args.output_dir, exist_ok=True)
     config.project_kwargs.setdefault("project_dir", args.output_dir)
     if state.is_main_process:
-        print(f"b2trl toy: model {args.pretrained_model}, method {config.method or 'b2 (toy preset)'}, output "
-              f"{args.output_dir}, {state.num_processes} process(es)")
+        method = f", method {config.method}" if config.method else ""
+        print(f"b2trl toy: model {args.pretrained_model}{method}, output {args.output_dir}, "
+              f"{state.num_processes} process(es)")
     reward_fn = build_reward("toy_alignment", {})
     pipeline = load_base_pipeline(args.pretrained_model)
     check_config_for_model(config, pipeline, training_fields(ToyArguments))

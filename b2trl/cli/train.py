@@ -37,7 +37,7 @@ class TrainArguments:
                       "pickscore, hpsv2, toy_alignment, ...) or 'module:function' for your own (importable, or in the "
                       "working directory); 'auto': toy_alignment for a toy model, else aesthetic.")
     reward_model: Optional[str] = arg(None, "model_name_or_path of a model-based reward (Hub id or local folder).")
-    reward_kwargs: str = arg("{}", "JSON object of further keyword arguments for the reward.")
+    reward_kwargs: str = arg("{}", "JSON object of further keyword arguments for the reward.", metavar="JSON")
     output_dir: str = arg("outputs/train", "Where the weights, metrics and plots go (and, unless project_kwargs "
                           "says otherwise, checkpoints and tracker logs).")
     hub_model_id: Optional[str] = arg(None, "Repository id for --push_to_hub (default: the output folder's name).")
@@ -99,8 +99,9 @@ def main(argv=None) -> Optional[dict]:
     # checkpoints and tracker logs live beside the outputs unless the user points them elsewhere
     config.project_kwargs.setdefault("project_dir", args.output_dir)
     if state.is_main_process:
-        print(f"b2trl train: method {config.method or 'b2 (custom settings)'}, model {args.pretrained_model}, "
-              f"output {args.output_dir}, {state.num_processes} process(es)")
+        method = f"method {config.method}, " if config.method else ""
+        print(f"b2trl train: {method}model {args.pretrained_model}, output {args.output_dir}, "
+              f"{state.num_processes} process(es)")
     reward_name = args.reward if args.reward != "auto" else ("toy_alignment" if is_toy else "aesthetic")
     reward_fn = build_reward(reward_name, reward_kwargs_for([reward_name], args.reward_kwargs)[reward_name],
                              reward_model=args.reward_model)
