@@ -78,7 +78,16 @@ def check_config_for_model(config, pipeline, fields: Sequence[str]) -> None:
 def read_prompts(prompts: Optional[Sequence[str]] = None, prompts_file: Optional[str] = None,
                  prompts_dataset: Optional[str] = None, split: str = "train", column: str = "prompt",
                  default: Sequence[str] = ()) -> list[str]:
-    """Prompts from at most one of the three sources (inline, a text file, a `datasets` dataset), else `default`."""
+    """
+    Prompts from at most one of the three sources, else `default`; a source that cannot be read stops the command
+    with one line naming its flag.
+
+    Args:
+        prompts (`Sequence[str]`, *optional*): given inline (``--prompts``).
+        prompts_file (`str`, *optional*): a text file, one prompt per line (``--prompts_file``).
+        prompts_dataset (`str`, *optional*): a `datasets` dataset (``--prompts_dataset``), its `split` and `column`.
+        default (`Sequence[str]`, *optional*): the prompts when no source is given.
+    """
     from ..prompts import PromptSourceError, load_prompts_dataset, read_prompts_file
 
     if len([s for s in (prompts, prompts_file, prompts_dataset) if s]) > 1:

@@ -83,10 +83,8 @@ def build_parser(classes: Sequence[type], *, prog: str, description: str, epilog
         parser.add_argument("--config", metavar="FILE", help="A YAML file of the same field names (a nested "
                             "`interval_schedule:` mapping allowed, and `env:` for environment variables); flags given "
                             "on the command line override it.")
-    try:
-        ignored = frozenset(groups.replaced_trl_fields())
-    except ImportError:  # a command without the trainer's config
-        ignored = frozenset()
+    trains = any(cls.__name__ == "B2DiffuRLConfig" for cls in classes)
+    ignored = frozenset(groups.replaced_trl_fields() if trains else ())
     sections: dict[str, argparse._ArgumentGroup] = {}
     for title in (*groups.SECTIONS, groups.OTHER, groups.IGNORED):
         sections[title] = parser.add_argument_group(title)

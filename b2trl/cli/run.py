@@ -41,6 +41,8 @@ class CardContent:
 
 
 class Report(Protocol):
+    """What a run's model card shows, measured around training (see [`CardSamples`])."""
+
     def before(self, pipeline, config, device) -> None:
         """Called on the main process before training, with the base pipeline."""
 
@@ -52,6 +54,11 @@ class CardSamples:
     """
     The card's samples for any model: the first distinct training prompts under fixed seeds, sampled as the
     rollout samples before and after training, and the training reward's mean on each set.
+
+    Args:
+        prompts (`Sequence[str]`): the training prompts (the first `CARD_PROMPTS` distinct ones are sampled).
+        reward_name (`str`): the reward's name, for the card's evaluation table.
+        reward_fn (`Callable`): the training reward.
     """
 
     def __init__(self, prompts: Sequence[str], reward_name: str, reward_fn: Callable):
@@ -102,8 +109,24 @@ def run_training(
     """
     Train `pipeline` with `config` and write the run's outputs to `output_dir`: ``lora/`` (or ``pipeline/``) with
     its model card and samples, ``lora_ema/`` when an EMA is kept, ``metrics.jsonl``/``.csv``, branch grids, the
-    reward curve and ``summary.json``. Every process calls it; the main process returns the summary, the others
-    `None`.
+    reward curve and ``summary.json``. Every process calls it.
+
+    Args:
+        state (`accelerate.PartialState`): the process state, created before the pipeline was loaded.
+        config ([`B2DiffuRLConfig`]): the run's configuration.
+        pipeline: the pipeline to train ([`~b2trl.load_pipeline`]'s).
+        reward_name (`str`), reward_fn (`Callable`): the reward, by name (for the card) and as TRL's function.
+        prompts (`Sequence[str]`): the training prompts, drawn at random by each process.
+        output_dir (`str`): where everything goes.
+        report ([`Report`]): what the card shows: [`CardSamples`], or the toy world's held-out evaluation.
+        base_model (`str`): the base model as the user named it (the card's usage snippet).
+        hub_model_id (`str`, *optional*): the repository to push to when `config.push_to_hub`.
+        init_lora (`str`, *optional*): LoRA weights to start from.
+        branch_images (`bool`, *optional*, defaults to `True`): save each stage's branch grid.
+        summary (`dict`, *optional*): fields to start ``summary.json`` with.
+
+    Returns:
+        `dict` or `None`: the summary on the main process, `None` on the others.
     """
     from ..hub import build_model_card, push_folder, save_samples
     from ..images import BranchGridHook, plot_reward_curve
