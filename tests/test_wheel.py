@@ -1,9 +1,10 @@
 """The wheel as a user installs it: built from the sources, installed into a fresh environment, and run from a folder
 outside the repository (no examples/, no tests/): `b2trl toy`, `b2trl train --config` and `b2trl eval`.
 
-Offline: the wheel is built with this environment's setuptools, and the fresh environment reads its dependencies
-from this one's site-packages through a ``.pth`` file, added after the wheel is installed so that pip never sees
-(or touches) the b2trl installed here.
+Offline where it can be: the wheel is built with this environment's setuptools (when it is recent enough; else pip
+fetches the build requirements from the package index), and the fresh environment reads its dependencies from this
+one's site-packages through a ``.pth`` file, added after the wheel is installed so that pip never sees (or touches)
+the b2trl installed here.
 """
 
 import json
@@ -25,6 +26,18 @@ def _run(cmd, cwd=None, timeout=300, env=None):
     return done
 
 
+def _can_build_here() -> bool:
+    """Whether this environment's setuptools builds the wheel itself (68+, and bdist_wheel: 70.1+ or `wheel`)."""
+    import importlib.util
+
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    version = tuple(int(part) for part in setuptools.__version__.split(".")[:2] if part.isdigit())
+    return version >= (70, 1) or (version >= (68, 0) and importlib.util.find_spec("wheel") is not None)
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
     work = tmp_path_factory.mktemp("wheel")
@@ -34,8 +47,10 @@ def venv(tmp_path_factory):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "b2trl", source / "b2trl", ignore=shutil.ignore_patterns("__pycache__"))
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", work / "dist", source])
+    # offline with this environment's setuptools when it can build the wheel; else pip fetches the build
+    # requirements from the package index, as `pip install -e .` does
+    offline = ["--no-build-isolation", "--no-index"] if _can_build_here() else []
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *offline, "-q", "-w", work / "dist", source])
     (wheel,) = (work / "dist").glob("b2trl-*.whl")
     env = work / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", env])
