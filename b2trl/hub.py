@@ -46,19 +46,14 @@ def push_trained(trainer, repo_id: str, *, token=None, private=None, commit_mess
     return url
 
 
-# the shipped toy models: the example's --pretrained_model name, the model_path() call that loads each
-_TOY_MODELS = {"toy": ("model", "model_path()"), "toy-sd3": ("model_sd3", 'model_path("sd3")')}
-
-
 def _toy_model(base: Optional[str]) -> Optional[str]:
     """The `model_path(...)` expression of a shipped toy model named or located by `base`, else `None`."""
-    if base is None:
+    from .toy import toy_model_kind
+
+    kind = toy_model_kind(base)
+    if kind is None:
         return None
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
-    for name, (folder, expr) in _TOY_MODELS.items():
-        if base == name or os.path.realpath(base) == os.path.realpath(os.path.join(here, folder)):
-            return expr
-    return None
+    return "model_path()" if kind == "sd" else f'model_path("{kind}")'
 
 
 def _base_model(trainer) -> Optional[str]:

@@ -11,7 +11,7 @@ Every (method, seed) run samples the same number of images and evaluates held-ou
 - `b2_start`: B² with the interval anchored at the start (`IntervalSchedule(anchor="start")`): the first steps are
   trained and grow forwards, branches fork at the initial noise, the remaining steps finish each branch untrained.
 - `b2_start_pairs`: `b2_start` with `selection_rule="pairs"`.
-- `b2_n2`: B² with 32 prompts × 2 branches per stage instead of 16 × 4 (the toy preset of `examples/train_sd.py`).
+- `b2_n2`: B² with 32 prompts × 2 branches per stage instead of 16 × 4 (the preset of `b2trl toy`).
 - `b2_all`: B² without selection (every branch trained with its per-prompt z-score; branching kept).
 - `b2_pairs`: B² with `selection_rule="pairs"` (best and worst branch of a group together, zero-sum advantages).
 - `b2_dpo`: B² with the DPO-style loss (`loss_type="dpo"`): each kept group's best and worst branch as a pair.
@@ -128,8 +128,8 @@ SETTINGS = {
     },
     # B² with the "pairs" selection rule: a group's best and worst branches together, zero-sum advantages
     "b2_pairs": {"base": "b2", "selection_rule": "pairs"},
-    # B² with more, smaller groups: 32 prompts x 2 branches (same 64 images per stage): examples/train_sd.py's
-    # toy preset
+    # B² with more, smaller groups: 32 prompts x 2 branches (same 64 images per stage): `b2trl toy`'s
+    # preset
     "b2_n2": {"base": "b2", "sample_batch_size": 32, "num_branches": 2},
     # B² without selection: branch groups and the schedule, every branch trained with its per-prompt z-score
     "b2_all": {"base": "b2", "selection_rule": "all"},
@@ -164,7 +164,7 @@ QUICK = {
     "d3po": {"sample_batch_size": 2},
 }
 
-# --model sd3: the flow toy model's settings (examples/train_sd.py's flow preset); DDPO has no flow sampler
+# --model sd3: the flow toy model's settings (`b2trl toy --pretrained_model toy-sd3`'s preset); DDPO has no flow sampler
 FLOW = {"shared": {"train_learning_rate": 3e-4}, "b2": {"noise_level": 0.7}}
 
 # the study decides these per run; settings may not

@@ -5,14 +5,13 @@ replaces it with a markdown table built from the fields' ``metadata["help"]``, t
 reference never drifts from ``--help``. An unknown ``NAME`` fails the build.
 
 Which ``DDPOConfig`` fields b2trl does not use is read from ``B2DiffuRLConfig``'s docstring (the sentence
-"Fields of `DDPOConfig` that this trainer replaces: ..."), the one place the code states it.
+"Fields of `DDPOConfig` that this trainer replaces: ..."), the one place the code states it, by
+``b2trl.cli.groups.replaced_trl_fields``, which the command line's ``--help`` sections use too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import importlib.util
 import json
 import logging
 import os
@@ -23,8 +22,6 @@ log = logging.getLogger("mkdocs.plugins.b2trl")
 
 MARKER = re.compile(r"<!--\s*b2trl:table\s+([\w-]+)\s*-->")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE_SCRIPT = os.path.join(ROOT, "examples", "train_sd.py")
-REPLACED_SENTENCE = re.compile(r"Fields of `DDPOConfig` that this trainer replaces:(.*?)(?:\n\s*\n|$)", re.DOTALL)
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -102,24 +99,10 @@ def _config_classes():
 
 
 def replaced_trl_fields() -> list[str]:
-    """The DDPOConfig fields B2DiffuRLConfig's docstring says b2trl replaces (``name*`` patterns expanded)."""
-    base, config = _config_classes()
-    match = REPLACED_SENTENCE.search(config.__doc__ or "")
-    if match is None:
-        raise ValueError(
-            "B2DiffuRLConfig's docstring no longer says which DDPOConfig fields it replaces (the sentence "
-            "'Fields of `DDPOConfig` that this trainer replaces: ...'); the configuration reference is built from it."
-        )
-    base_names = [f.name for f in dataclasses.fields(base)]
-    all_names = [f.name for f in dataclasses.fields(config)]
-    names = []
-    for pattern in re.findall(r"`([\w*]+)`", match.group(1)):
-        found = fnmatch.filter(base_names, pattern)
-        if not found and not fnmatch.filter(all_names, pattern):
-            raise ValueError(f"B2DiffuRLConfig's docstring names `{pattern}`, which matches no config field.")
-        # b2trl's own fields named there explain the replacement; only DDPOConfig's are replaced
-        names += [n for n in found if n not in names]
-    return names
+    """The DDPOConfig fields B2DiffuRLConfig's docstring says b2trl replaces (the command line's list too)."""
+    from b2trl.cli.groups import replaced_trl_fields
+
+    return replaced_trl_fields()
 
 
 def _config_groups():
@@ -170,35 +153,44 @@ def table_interval_schedule() -> str:
     return _table(["field", "type", "default", "description"], _field_rows(dataclasses.fields(IntervalSchedule)))
 
 
-def _example_module():
-    """``examples/train_sd.py``, imported as a module (its ``main()`` does not run)."""
-    name = "b2trl_docs_train_sd"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def _arguments_table(cls) -> str:
+    return _table(["flag", "type", "default", "description"], _field_rows(dataclasses.fields(cls), as_flags=True))
 
 
 def table_script_arguments() -> str:
-    fields = dataclasses.fields(_example_module().ScriptArguments)
-    return _table(["flag", "type", "default", "description"], _field_rows(fields, as_flags=True))
+    """`b2trl train`'s own flags (besides every config and schedule field)."""
+    from b2trl.cli.train import TrainArguments
+
+    return _arguments_table(TrainArguments)
+
+
+def table_toy_arguments() -> str:
+    from b2trl.cli.toy import ToyArguments
+
+    return _arguments_table(ToyArguments)
+
+
+def table_eval_arguments() -> str:
+    from b2trl.cli.evaluate import EvalArguments
+
+    return _arguments_table(EvalArguments)
 
 
 def table_presets() -> str:
+    """What `b2trl toy` starts from on each toy model, next to the reference run's defaults."""
     from b2trl.config import B2DiffuRLConfig
     from b2trl.schedule import IntervalSchedule
+    from b2trl.toy import TOY_MODELS
+    from b2trl.toy.main import preset_for
 
-    presets = _example_module().PRESETS
+    presets = {"reference": {}, **{f"b2trl toy --pretrained_model {name}": preset_for(name) for name in TOY_MODELS}}
     defaults = {}
     for cls in (B2DiffuRLConfig, IntervalSchedule):
         defaults.update({f.name: _default(f) for f in dataclasses.fields(cls)})
     names = list(dict.fromkeys(n for values in presets.values() for n in values))
     unknown = [n for n in names if n not in defaults]
     if unknown:
-        raise ValueError(f"examples/train_sd.py PRESETS set fields that no config class has: {unknown}")
+        raise ValueError(f"b2trl.toy.main's presets set fields that no config class has: {unknown}")
     header = ["flag", *presets]
     rows = [[f"`--{n}`", *[_show(values.get(n, defaults[n])) for values in presets.values()]] for n in names]
     return _table(header, rows)
@@ -224,6 +216,8 @@ TABLES = {
     "trl-replaced": table_trl_replaced,
     "interval-schedule": table_interval_schedule,
     "script-arguments": table_script_arguments,
+    "toy-arguments": table_toy_arguments,
+    "eval-arguments": table_eval_arguments,
     "presets": table_presets,
     "methods": table_methods,
 }

@@ -1,4 +1,4 @@
-"""The example as separate processes: killed and resumed, and launched with torchrun as one two-process run."""
+"""`b2trl train` as separate processes: killed and resumed, and launched with torchrun as one two-process run."""
 
 import csv
 import json
@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import load_script
+from b2trl.cli import main
 
 TESTS = Path(__file__).resolve().parent
-EXAMPLE = TESTS.parent / "examples" / "train_sd.py"
-PROBE = TESTS / "scripts" / "run_example.py"
+PROBE = TESTS / "scripts" / "run_cli.py"
 TINY_RUN = [
     "--sample_num_steps", "6", "--sample_batch_size", "2", "--sample_num_batches_per_epoch", "1",
     "--num_branches", "3", "--initial_length", "2", "--train_gradient_accumulation_steps", "1",
@@ -43,7 +42,7 @@ def test_killed_then_resumed_run_has_every_stage_once(tiny_model_dir, tmp_path, 
     flags = ["--pretrained_model", tiny_model_dir, "--output_dir", str(out), *TINY_RUN, "--num_epochs", "6",
              "--num_stages", "6", "--save_freq", "1", "--branch_images", "false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, str(EXAMPLE), *flags], cwd=TESTS, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "b2trl", "train", *flags], cwd=TESTS, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics, deadline = out / "metrics.jsonl", time.time() + 180
     try:
@@ -60,7 +59,7 @@ def test_killed_then_resumed_run_has_every_stage_once(tiny_model_dir, tmp_path, 
     assert 2 <= len(logged_before) < 6
 
     monkeypatch.chdir(TESTS)
-    load_script(EXAMPLE, "train_sd_resumed").main([*flags, "--resume_from", "latest"])
+    main(["train", *flags, "--resume_from", "latest"])
     jsonl, table = _stages(out)
     assert jsonl == table == list(range(6))  # rows of stages that ran again were replaced, not repeated
     assert json.loads((out / "summary.json").read_text())["reward"] == "helpers:brightness_reward"
@@ -71,7 +70,7 @@ def test_torchrun_makes_one_run_of_two_processes(tiny_model_dir, tmp_path):
     probes.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PROBE_DIR=str(probes))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
-           str(PROBE), "--pretrained_model", tiny_model_dir, "--output_dir", str(out), *TINY_RUN,
+           str(PROBE), "train", "--pretrained_model", tiny_model_dir, "--output_dir", str(out), *TINY_RUN,
            "--num_epochs", "2", "--num_stages", "2", "--accelerator_kwargs", '{"cpu": true}']
     try:
         done = subprocess.run(cmd, cwd=TESTS, env=env, capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""The flow main job as shipped: `examples/train_sd.py --pretrained_model toy-sd3` (the toy preset with the flow
+"""The flow main job as shipped: `b2trl toy --pretrained_model toy-sd3` (the toy preset with the flow
 settings) trains the shipped SD3-family toy model offline, evaluates held-out alignment on the same noise before
 and after, and writes a LoRA that diffusers' `StableDiffusion3Pipeline` loads.
 
@@ -6,11 +6,8 @@ Its preset anchors the trained interval at the start of the trajectory; over tra
 held-out alignment from 0.905 to 0.910 / 0.917 / 0.913 (docs/flow_matching.md). This test runs seed 0."""
 
 import json
-from pathlib import Path
 
-from helpers import load_script
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_sd.py"
+from b2trl.cli import main
 
 
 def test_flow_main_job_trains_evaluates_and_saves_a_lora_diffusers_loads(tmp_path):
@@ -18,9 +15,8 @@ def test_flow_main_job_trains_evaluates_and_saves_a_lora_diffusers_loads(tmp_pat
 
     from b2trl.toy import model_path
 
-    module = load_script(EXAMPLE, "train_sd_flow_job")
     out = tmp_path / "run"
-    module.main(["--pretrained_model", "toy-sd3", "--output_dir", str(out), "--no_branch_images"])
+    main(["toy", "--pretrained_model", "toy-sd3", "--output_dir", str(out), "--no_branch_images"])
     evaluation = json.loads((out / "evaluation.json").read_text())
     base, trained = evaluation["base"], evaluation["trained"]
     assert trained["num_images"] == base["num_images"] == 45 * 3

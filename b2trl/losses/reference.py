@@ -9,6 +9,7 @@ import torch
 
 from .. import batching
 from ..models import Conditioning
+from ..quiet import hide_known_warnings
 
 
 class ReferencePolicy:
@@ -32,7 +33,8 @@ class ReferencePolicy:
         if not use_lora:
             self.copy = copy.deepcopy(denoiser).requires_grad_(False).eval()
             if dtype is not None:
-                self.copy.to(dtype=dtype)
+                with hide_known_warnings():
+                    self.copy.to(dtype=dtype)
 
     @contextlib.contextmanager
     def active(self):

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ..quiet import hiding_known_warnings
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -140,6 +142,7 @@ class ModelFamily:
                 module.requires_grad_(False)
         getattr(pipe, self.denoiser_name).requires_grad_(not use_lora)
 
+    @hiding_known_warnings  # casting modules that keep nothing in float32: diffusers warns for nothing
     def place(self, pipe, device, dtype: torch.dtype, use_lora: bool) -> None:
         """
         Move the pipeline's modules to `device`: the frozen ones in the inference `dtype`; the denoiser in

@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 from ..accelerator import ensure_accelerate_state
+from ..quiet import hide_known_warnings
 from .base import LORA_FILE
 from .pipeline import TrainingPipeline
 from .registry import family_for_class, family_for_pipeline
@@ -107,7 +108,8 @@ def load_pipeline(
             )
     if os.path.isfile(os.path.join(path, LORA_FILE)):
         # a folder that already holds LoRA weights (e.g. a previous run's output on top of a full pipeline)
-        pipe.load_lora_weights(path, weight_name=LORA_FILE)
+        with hide_known_warnings(pipe):
+            pipe.load_lora_weights(path, weight_name=LORA_FILE)
         use_lora = True
     family.prepare(pipe, use_lora=use_lora)
     pipeline = TrainingPipeline(pipe, family, use_lora=use_lora, pretrained_model=path, revision=revision)

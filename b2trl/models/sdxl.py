@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..quiet import hide_known_warnings, hiding_known_warnings
 from .base import ModelFamily, token_ids
 
 # (text encoder, tokenizer) pairs in the order their hidden states are concatenated
@@ -49,6 +50,7 @@ class StableDiffusionXLFamily(ModelFamily):
         pipe.scheduler = DDIMScheduler.from_config(config, **overrides)
         super().prepare(pipe, use_lora=use_lora)
 
+    @hiding_known_warnings
     def place(self, pipe, device, dtype: torch.dtype, use_lora: bool) -> None:
         """
         As [`~b2trl.models.ModelFamily.place`], except that the VAE goes straight to the dtype `vae_dtype` gives
@@ -129,7 +131,8 @@ class StableDiffusionXLFamily(ModelFamily):
         dtype = self.vae_dtype(vae, vae.dtype)
         if vae.dtype != dtype:
             # once, and for the rest of the run: toggling per decode would re-cast 84 M parameters each time
-            vae.to(dtype=dtype)
+            with hide_known_warnings():
+                vae.to(dtype=dtype)
         config = vae.config
         latents = latents.to(vae.dtype)
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)

@@ -8,10 +8,14 @@ Importing this package is light (numpy and torch); diffusers is only imported by
 """
 
 import os
+from typing import Optional
 
 from .reward import alignment_reward, alignment_reward_with_components
 from .world import COLOURS, PALETTE, SHAPES, TEMPLATES, heldout_prompts, is_heldout, parse_prompt, render, train_prompts
 
+# The shipped pretrained toy pipelines, by the name a command line takes (`--pretrained_model toy`): name -> the
+# kind `model_path` takes. The one map of these names; the folders are `model_path`'s business.
+TOY_MODELS = {"toy": "sd", "toy-sd3": "sd3"}
 _MODEL_FOLDERS = {"sd": "model", "sd3": "model_sd3"}
 
 
@@ -28,6 +32,20 @@ def model_path(kind: str = "sd") -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), _MODEL_FOLDERS[kind])
 
 
+def toy_model_kind(name_or_path: Optional[str]) -> Optional[str]:
+    """The kind (``"sd"``, ``"sd3"``) of the shipped toy model that `name_or_path` names (``"toy"``, ``"toy-sd3"``)
+    or locates (its folder), else `None`."""
+    if not name_or_path:
+        return None
+    if name_or_path in TOY_MODELS:
+        return TOY_MODELS[name_or_path]
+    where = os.path.realpath(os.path.expanduser(name_or_path))
+    for kind in _MODEL_FOLDERS:
+        if where == os.path.realpath(model_path(kind)):
+            return kind
+    return None
+
+
 def __getattr__(name):
     if name in ("evaluate_alignment", "save_grid", "generate"):
         from . import evaluate
@@ -41,6 +59,7 @@ __all__ = [
     "PALETTE",
     "SHAPES",
     "TEMPLATES",
+    "TOY_MODELS",
     "alignment_reward",
     "alignment_reward_with_components",
     "evaluate_alignment",
@@ -51,5 +70,6 @@ __all__ = [
     "parse_prompt",
     "render",
     "save_grid",
+    "toy_model_kind",
     "train_prompts",
 ]

@@ -31,7 +31,10 @@ def _load(pipeline_or_path=None, lora_path=None):
     else:
         pipe = getattr(pipeline_or_path, "sd_pipeline", pipeline_or_path)  # accepts TRL's DDPO wrapper too
     if lora_path is not None:
-        pipe.load_lora_weights(lora_path)
+        from ..quiet import hide_known_warnings
+
+        with hide_known_warnings(pipe):
+            pipe.load_lora_weights(lora_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

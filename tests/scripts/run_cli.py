@@ -1,10 +1,11 @@
-"""Run examples/train_sd.py as a script, then save what this process trained (used by the multi-process test).
+"""Run the `b2trl` command as ``python -m b2trl`` does, then save what this process trained (used by the
+multi-process test).
 
-    python run_example.py [train_sd.py flags...]        # PROBE_DIR=<folder> in the environment
+    python run_cli.py train [flags...]        # PROBE_DIR=<folder> in the environment
 
-The example runs unchanged as ``__main__`` with the given flags. Its trainer is recorded on construction, and
-when the script returns, this process's trainable parameters (as constructed and as trained) are saved to
-``$PROBE_DIR/rank<process index>.pt``, so that a test can compare processes without the example writing anything
+The command runs unchanged as the ``b2trl`` module's ``__main__``. Its trainer is recorded on construction, and when
+the command returns, this process's trainable parameters (as constructed and as trained) are saved to
+``$PROBE_DIR/rank<process index>.pt``, so that a test can compare processes without the command writing anything
 for it.
 """
 
@@ -16,10 +17,9 @@ from pathlib import Path
 import torch
 
 TESTS = Path(__file__).resolve().parents[1]
-EXAMPLE = TESTS.parent / "examples" / "train_sd.py"
 sys.path.insert(0, str(TESTS))  # for --reward helpers:brightness_reward
 
-import b2trl  # noqa: E402
+import b2trl.trainer  # noqa: E402
 
 trainers = []
 
@@ -29,16 +29,16 @@ def trainable(trainer) -> list:
     return [p.detach().cpu().clone() for group in trainer.optimizer.param_groups for p in group["params"]]
 
 
-class RecordedTrainer(b2trl.B2DiffuRLTrainer):
+class RecordedTrainer(b2trl.trainer.B2DiffuRLTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.initial_params = trainable(self)
         trainers.append(self)
 
 
-b2trl.B2DiffuRLTrainer = RecordedTrainer  # the example's `from b2trl import B2DiffuRLTrainer` picks this up
-sys.argv = [str(EXAMPLE), *sys.argv[1:]]
-runpy.run_path(str(EXAMPLE), run_name="__main__")
+b2trl.trainer.B2DiffuRLTrainer = RecordedTrainer  # the command imports the trainer when it runs: it gets this one
+sys.argv = ["b2trl", *sys.argv[1:]]
+runpy.run_module("b2trl", run_name="__main__", alter_sys=True)
 (trainer,) = trainers
 torch.save(
     {"initial": trainer.initial_params, "trained": trainable(trainer)},
