@@ -244,12 +244,16 @@ class FSDP2Sharding:
             "offload_policy": CPUOffloadPolicy() if self.options.cpu_offload else OffloadPolicy(),
         }
 
-    def shard(self, module: torch.nn.Module) -> torch.nn.Module:
+    def shard(self, module: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
         """Apply FSDP2 to `module` in place: each unit ([`fsdp_units`]), then the module itself (its
-        remaining parameters). Its parameters become DTensor shards on this process's device. Returns `module`."""
+        remaining parameters). Its parameters become DTensor shards on this process's device. A `frozen` module
+        (the reference copy) always frees its gathered parameters after a forward pass: no backward pass would.
+        Returns `module`."""
         from torch.distributed.fsdp import fully_shard
 
         policy = self.policy()
+        if frozen:
+            policy["reshard_after_forward"] = True
         for unit in fsdp_units(module, self.options):
             fully_shard(unit, **policy)
         fully_shard(module, **policy)

@@ -10,6 +10,7 @@ sampler, the advantage rule or the loss is behind the seams in ``b2trl/models``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from concurrent import futures
 from typing import Any, Callable, Optional
@@ -196,7 +197,7 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
         the frozen reference copy of DPO / the KL term, taken before (a sharded module cannot be copied)."""
         if needs_reference:
             self.reference = ReferencePolicy(self.denoiser, use_lora=False, dtype=self.inference_dtype,
-                                             shard=self.sharding.shard)
+                                             shard=functools.partial(self.sharding.shard, frozen=True))
         self.sharding.shard(self.denoiser)
 
     def _save_sharded_hook(self, models, weights, output_dir):

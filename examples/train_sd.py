@@ -304,8 +304,12 @@ def main(argv=None):
         evaluation = report.card_evaluation()
     else:
         card_seeds = CARD_SEEDS
+        # a sharded denoiser runs only with every process taking part: sample the exported pipeline instead
+        trained, device = trainer.sd_pipeline, None
+        if trainer.sharding is not None:
+            trained, device = load_pipeline(lora_dir, use_lora=False), state.device
         with trainer.accelerator.autocast():
-            card_images["trained"] = sample_for_card(trainer.sd_pipeline, card_prompts, card_seeds, config)
+            card_images["trained"] = sample_for_card(trained, card_prompts, card_seeds, config, device)
         label = f"reward `{reward_name}`, mean of the {len(card_prompts) * len(card_seeds)} samples above"
         evaluation = reward_evaluation(reward_fn, card_images, card_prompts, label, state.device)
     # the card shows what the run did: samples saved beside the weights (pushed with them) and the evaluation

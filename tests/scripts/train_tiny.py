@@ -1,8 +1,8 @@
 """Train the tiny test pipeline in its own process (used by the kill-and-resume and multi-process tests).
 
     python train_tiny.py MODEL_DIR PROJECT_DIR [--epochs N] [--sleep S] [--stats FILE] [--distributed]
-        [--resolution PIXELS] [--full] [--fsdp] [--save-freq N] [--resume-from WHERE] [--dump-weights FILE]
-        [--export DIR]
+        [--resolution PIXELS] [--full] [--fsdp] [--fsdp-kwargs JSON] [--save-freq N] [--resume-from WHERE]
+        [--dump-weights FILE] [--export DIR]
 """
 
 import argparse
@@ -46,6 +46,7 @@ parser.add_argument("--resolution", type=int, default=None,
 parser.add_argument("--plain-ddpo", action="store_true", help="run TRL's DDPOTrainer instead (a control)")
 parser.add_argument("--full", action="store_true", help="full fine-tuning (use_lora=False)")
 parser.add_argument("--fsdp", action="store_true", help="B2DiffuRLConfig.fsdp: the denoiser sharded with FSDP2")
+parser.add_argument("--fsdp-kwargs", type=json.loads, default={}, help="B2DiffuRLConfig.fsdp_kwargs, as JSON")
 parser.add_argument("--save-freq", type=int, default=None, help="B2DiffuRLConfig.save_freq (default: 1, or 0 with "
                     "--distributed)")
 parser.add_argument("--resume-from", default=None, help="B2DiffuRLConfig.resume_from")
@@ -77,6 +78,7 @@ config = small_config(
     save_freq=args.save_freq if args.save_freq is not None else 0 if args.distributed else 1,
     resume_from=args.resume_from,
     fsdp=args.fsdp,
+    fsdp_kwargs=args.fsdp_kwargs,
     project_kwargs={"project_dir": args.project_dir},
     accelerator_kwargs=accelerator_kwargs,
     train_learning_rate=1e-2,
