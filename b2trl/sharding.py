@@ -9,14 +9,13 @@ model, its optimizer and the checkpoints never go through accelerate's FSDP code
 
 What it does:
 
-- every block class the model names in ``_no_split_modules`` (or the classes / size given in the options) becomes
+- every block of a class the model names in ``_no_split_modules`` (or of the classes / size in the options) becomes
   one FSDP unit, then the whole denoiser: a forward call gathers one block's parameters at a time, so sampling
   (under `torch.no_grad`, in eval mode) and training run through the same sharded module;
 - gradients are reduce-scattered after every backward pass, micro-batches included, so a process never holds
   more than its shard of the gradients (FSDP2's "no sync" mode would accumulate whole gradients instead);
 - checkpoints hold the sharded model, optimizer state and EMA, written by every process with
-  `torch.distributed.checkpoint` (``<checkpoint>/sharded_state``), and can be resumed on another number of
-  processes;
+  `torch.distributed.checkpoint` (``<checkpoint>/sharded_state``);
 - the export gathers the whole weights on the main process, which writes the pipeline diffusers loads.
 """
 
@@ -33,7 +32,7 @@ from accelerate import logging
 logger = logging.get_logger(__name__)
 
 SHARDED_STATE = "sharded_state"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -116,6 +115,9 @@ def fsdp_config_errors(config) -> list[str]:
     for name in ("param_dtype", "reduce_dtype"):
         if kwargs.get(name) is not None and kwargs[name] not in DTYPES:
             errors.append(f"fsdp_kwargs[{name!r}] must be one of {tuple(DTYPES)}, got {kwargs[name]!r}.")
+    if kwargs.get("param_dtype") == "bfloat16" and config.mixed_precision != "bf16":
+        errors.append(f"fsdp_kwargs['param_dtype']='bfloat16' needs mixed_precision='bf16' (got "
+                      f"{config.mixed_precision!r}): the blocks compute with bf16 weights under its autocast.")
     if kwargs and not config.fsdp:
         errors.append("fsdp_kwargs is set but fsdp is False: set fsdp=True (--fsdp) to shard the denoiser.")
     if config.fsdp:

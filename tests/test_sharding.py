@@ -127,7 +127,8 @@ def test_every_family_samples_and_trains_through_its_sharded_denoiser(
     done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    *records, upcast = [json.loads(line) for line in out.read_text().splitlines()]
+    assert upcast == {"bf16_loaded_shards_placed_as_float32": True}
     assert [r["family"] for r in records] == ["sd", "sdxl", "sd3", "flux", "qwenimage", "zimage"]
     for r in records:
         assert r["forward_diff"] <= 1e-6, r  # sampling: no_grad, eval mode, blocks gathered one at a time
@@ -148,6 +149,8 @@ def test_config_rejects_bad_fsdp_settings():
         small_config(fsdp_kwargs={"cpu_offload": True})
     with pytest.raises(ValueError, match="param_dtype.*'float64'"):
         small_config(fsdp=True, fsdp_kwargs={"param_dtype": "float64"})
+    with pytest.raises(ValueError, match="'bfloat16' needs mixed_precision='bf16'"):
+        small_config(fsdp=True, fsdp_kwargs={"param_dtype": "bfloat16"})  # small_config trains in fp32
     with pytest.raises(ValueError, match="mixed_precision='fp16' is not supported"):
         small_config(fsdp=True, mixed_precision="fp16")
     with pytest.raises(ValueError, match="train_use_8bit_adam"):
@@ -213,3 +216,23 @@ def test_units_are_the_models_blocks_or_the_named_classes(tiny_model_dir):
     assert sized and all(sum(p.numel() for p in m.parameters()) > 10_000 for m in sized)
     with pytest.raises(ValueError, match=r"\['FluxTransformerBlock'\] are not classes of UNet2DConditionModel"):
         fsdp_units(unet, FSDPOptions(transformer_cls_names_to_wrap=["FluxTransformerBlock"]))
+
+
+def test_a_checkpoint_resumes_only_with_the_sharding_it_was_written_with(tiny_model_dir, tmp_path):
+    import shutil
+
+    from b2trl.sharding import SHARDED_STATE, FSDP2Sharding
+    from helpers import make_trainer
+
+    trainer = make_trainer(tiny_model_dir, num_epochs=1, save_freq=1, project_kwargs={"project_dir": str(tmp_path)})
+    trainer.train()
+    checkpoint = tmp_path / "checkpoints" / "checkpoint_0"
+    # an unsharded checkpoint: a sharded run refuses it before touching its model
+    with pytest.raises(ValueError, match="written by a run without fsdp"):
+        object.__new__(FSDP2Sharding).load_state(str(checkpoint), None, None)
+    # a sharded one (its marker folder): an unsharded run refuses it
+    sharded = tmp_path / "sharded" / "checkpoint_0"
+    shutil.copytree(checkpoint, sharded)
+    (sharded / SHARDED_STATE).mkdir()
+    with pytest.raises(ValueError, match="written by a run with fsdp"):
+        trainer.resume(str(sharded))

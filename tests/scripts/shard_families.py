@@ -1,6 +1,7 @@
 """Shard each given tiny pipeline's denoiser with b2trl's FSDP2 sharding in two CPU processes and compare it with an
 unsharded copy: the family's prediction under no_grad in eval mode (as sampling calls it) and the gradients of a
-training forward. Run under torchrun; rank 0 appends one JSON line per pipeline to OUT.
+training forward; then a bf16-loaded SD pipeline sharded and placed as the trainer does. Run under torchrun; rank 0
+appends one JSON line per check to OUT.
 
     torchrun --nproc_per_node 2 shard_families.py OUT MODEL_DIR [MODEL_DIR ...]
 """
@@ -14,10 +15,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from accelerate import Accelerator, PartialState  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 from torch.distributed.fsdp import FSDPModule  # noqa: E402
 
 from b2trl import load_pipeline  # noqa: E402
-from b2trl.models import Conditioning  # noqa: E402
+from b2trl.models import Conditioning, wrap_pipeline  # noqa: E402
 from b2trl.sharding import FSDP2Sharding, FSDPOptions  # noqa: E402
 from helpers import small_config  # noqa: E402
 
@@ -79,6 +81,19 @@ for model_dir in model_dirs:
     if state.is_main_process:
         with open(out_file, "a") as f:
             f.write(json.dumps(record) + "\n")
+# a pipeline loaded in bf16 (half the host memory) is sharded as loaded; placing it casts the shards to float32
+pipe = StableDiffusionPipeline.from_pretrained(model_dirs[0], torch_dtype=torch.bfloat16)
+loaded = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+pipeline = wrap_pipeline(pipe, use_lora=False)
+sharding.shard(pipeline.denoiser)
+pipeline.family.place(pipe, accelerator.device, torch.bfloat16, use_lora=False)
+shards = dict(pipeline.denoiser.named_parameters())
+upcast = all(p.dtype == p.to_local().dtype == torch.float32 for p in shards.values()) and all(
+    torch.equal(shards[n].full_tensor(), value.float()) for n, value in loaded.items()
+)
+if state.is_main_process:
+    with open(out_file, "a") as f:
+        f.write(json.dumps({"bf16_loaded_shards_placed_as_float32": upcast}) + "\n")
 accelerator.end_training()
 sys.stdout.flush()
 os._exit(0)  # see train_tiny.leave: a finished gloo run can abort in the interpreter's teardown
