@@ -12,6 +12,7 @@ from .advantages.grpo import STD_MODES
 from .losses import LOSS_TYPES, LOSSES
 from .samplers import DDIMSampler
 from .schedule import IntervalSchedule
+from .sharding import fsdp_config_errors
 
 # what compile_unet_kwargs may hold: torch.compile's keyword arguments
 COMPILE_ARGUMENTS = ("backend", "dynamic", "fullgraph", "mode", "options", "disable")
@@ -103,6 +104,14 @@ class B2DiffuRLConfig(DDPOConfig):
             own step (`sample_eta`).
         resolution (`int` or `None`, *optional*, defaults to `None`):
             Image height and width in pixels; `None` uses the model's own size.
+        fsdp (`bool`, *optional*, defaults to `False`):
+            Full fine-tuning sharded over the processes with FSDP2: each process holds a shard of the denoiser's
+            parameters, gradients and optimizer state (see [`~b2trl.sharding`]). Also on when the run is launched
+            with accelerate's FSDP (``accelerate launch --use_fsdp --fsdp_version 2``, or a config file).
+        fsdp_kwargs (`dict`, *optional*, defaults to `{}`):
+            [`~b2trl.sharding.FSDPOptions`] (``reshard_after_forward``, ``cpu_offload``,
+            ``transformer_cls_names_to_wrap``, ``min_num_params``, ``param_dtype``, ``reduce_dtype``,
+            ``activation_checkpointing``); they override the launcher's ``--fsdp_*`` settings.
         gradient_checkpointing (`bool`, *optional*, defaults to `False`):
             Recompute the denoiser's activations during the backward pass (less memory, slower training).
         train_timesteps_per_forward (`int`, *optional*, defaults to `2`):
@@ -236,6 +245,21 @@ class B2DiffuRLConfig(DDPOConfig):
             "training memory (SDXL at 1024 px needs it on most GPUs) for about a third more training time."
         },
     )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Full fine-tuning sharded with FSDP2: each process holds a shard of the denoiser's parameters, "
+            "gradients and optimizer state. Also on under `accelerate launch --use_fsdp --fsdp_version 2`."
+        },
+    )
+    fsdp_kwargs: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "FSDP2 options as a JSON object (b2trl.sharding.FSDPOptions: reshard_after_forward, cpu_offload, "
+            "transformer_cls_names_to_wrap, min_num_params, param_dtype, reduce_dtype, activation_checkpointing); "
+            "they override the launcher's --fsdp_* settings."
+        },
+    )
 
     ema_decay: float = field(
         default=0.0,
@@ -354,6 +378,7 @@ class B2DiffuRLConfig(DDPOConfig):
                 errors.append(
                     f"compile_unet_kwargs has unknown torch.compile arguments {unknown}; use {COMPILE_ARGUMENTS}."
                 )
+        errors.extend(fsdp_config_errors(self))
         # the sampler checks its own settings (DDIM: eta > 0)
         errors.extend(DDIMSampler(self.sample_eta).validation_errors())
         if self.selection_threshold_best < self.selection_threshold_worst:

@@ -5,7 +5,7 @@ After every `update_every`-th optimizer step, each trained parameter's average m
 updates ``ema_k = decay^k · θ₀ + (1 − decay) · Σ_{i=1..k} decay^{k−i} · θ_i``. The average is kept in float32,
 on the parameters' device or on the CPU (`on_cpu`), and costs one more copy of the trained parameters: a LoRA
 adapter's few megabytes, or for full fine-tuning 4 bytes per parameter (SD1.5's UNet: 3.4 GB; FLUX.1's
-transformer: 48 GB — keep that on the CPU).
+transformer: 48 GB — keep that on the CPU). With FSDP2 sharding each process keeps the average of its own shards only.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class ParameterEMA:
         self.num_updates = 0
 
     def _copy(self, param: torch.Tensor) -> torch.Tensor:
+        param = _local(param)
         return param.detach().to(device="cpu" if self.on_cpu else param.device, dtype=torch.float32, copy=True)
 
     @torch.no_grad()
@@ -50,7 +51,7 @@ class ParameterEMA:
         if optimizer_step % self.update_every:
             return False
         for average, param in zip(self.average, self.parameters):
-            value = param.detach().to(device=average.device, dtype=torch.float32)
+            value = _local(param).detach().to(device=average.device, dtype=torch.float32)
             average.mul_(self.decay).add_(value, alpha=1 - self.decay)
         self.num_updates += 1
         return True
@@ -60,13 +61,14 @@ class ParameterEMA:
     def applied(self):
         """Inside the block the parameters hold the average (in their own dtype); afterwards their trained values
         again. For evaluation, sampling and saving with the EMA weights."""
-        saved = [p.detach().clone() for p in self.parameters]
+        local = [_local(p) for p in self.parameters]
+        saved = [p.detach().clone() for p in local]
         try:
-            for param, average in zip(self.parameters, self.average):
+            for param, average in zip(local, self.average):
                 param.copy_(average.to(device=param.device, dtype=param.dtype))
             yield self
         finally:
-            for param, value in zip(self.parameters, saved):
+            for param, value in zip(local, saved):
                 param.copy_(value)
 
     def state_dict(self) -> dict:
@@ -81,3 +83,10 @@ class ParameterEMA:
         for average, saved in zip(self.average, state["average"]):
             average.copy_(saved.to(device=average.device, dtype=torch.float32))
         self.num_updates = int(state["num_updates"])
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's values on this process: the whole tensor, or an FSDP2-sharded parameter's local shard (a view
+    that writes through to the parameter)."""
+    to_local = getattr(param, "to_local", None)  # DTensor
+    return to_local() if to_local is not None else param

@@ -18,15 +18,21 @@ CITATION = """@inproceedings{hu2025towards,
 TAGS = ["lora", "b2-diffurl", "text-to-image", "trl", "diffusers", "reinforcement-learning"]
 
 
-def save_trained(trainer, save_directory: str, **card_kwargs) -> None:
+def save_trained(trainer, save_directory: str, denoiser_weights: Optional[dict] = None, **card_kwargs) -> None:
     """
     Write what `trainer` trained to `save_directory` (call on the main process): LoRA weights in diffusers' layout,
     or the whole pipeline after full fine-tuning, and the model card (`card_kwargs` go to [`build_model_card`]).
-    The weights are whatever the denoiser holds now (the caller swaps the EMA weights in to save those).
+    The weights are whatever the denoiser holds now (the caller swaps the EMA weights in to save those), or
+    `denoiser_weights`, the whole state dict of a sharded denoiser (gathered by every process beforehand).
     """
     os.makedirs(save_directory, exist_ok=True)
     if trainer.use_lora:
         trainer.family.save_lora(trainer.accelerator.unwrap_model(trainer.training_denoiser), save_directory)
+    elif denoiser_weights is not None:
+        from .sharding import save_pipeline_with
+
+        save_pipeline_with(trainer.sd_pipeline.sd_pipeline, trainer.family.denoiser_name, denoiser_weights,
+                           save_directory)
     else:
         trainer.sd_pipeline.sd_pipeline.save_pretrained(save_directory, safe_serialization=True)
     build_model_card(trainer, **card_kwargs).save(os.path.join(save_directory, "README.md"))

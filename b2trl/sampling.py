@@ -45,6 +45,10 @@ class StageSampling:
         for _ in range(iterations):
             prompts, prompt_metadata = zip(*[self._next_prompt() for _ in range(batch_size)])
             conditioning = self.encode(prompts)
+            if getattr(self, "sharding", None) is not None:
+                # the rollout reads the denoiser's dtype: its registered parameters must be the float32 shards, not
+                # the bf16 copies a module keeps gathered after a forward pass with reshard_after_forward=False
+                self.sharding.reshard(self.denoiser)
             with self.autocast():
                 rollout = branch_rollout(
                     self.sd_pipeline,

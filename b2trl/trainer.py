@@ -10,6 +10,7 @@ sampler, the advantage rule or the loss is behind the seams in ``b2trl/models``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from concurrent import futures
 from typing import Any, Callable, Optional
@@ -32,6 +33,7 @@ from .methods import check_sampler
 from .models import family_for_pipeline
 from .sampling import StageSampling
 from .scoring import NegativeSkewWatch, stage_statistics
+from .sharding import build_sharding
 from .stage import Stage
 from .timing import PhaseTimer
 from .update import PolicyUpdate
@@ -91,6 +93,8 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
         self.loss_fn = build_loss(config)
         self.rule = build_rule(config, config.effective_selection_rule)
         self.accelerator = build_accelerator(config)
+        self.use_lora = bool(getattr(sd_pipeline, "use_lora", False))
+        self.sharding = build_sharding(config, self.accelerator, use_lora=self.use_lora)  # FSDP2, or None
         if image_samples_hook is None:
             logger.info("No image_samples_hook provided; no images will be logged.")
         if self.accelerator.is_main_process:
@@ -101,7 +105,10 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
 
         self.sd_pipeline = sd_pipeline
         self.sd_pipeline.set_progress_bar_config(disable=True)
-        self.use_lora = bool(getattr(sd_pipeline, "use_lora", False))
+        self.reference = None
+        needs_reference = self.loss_fn.needs_reference or config.kl_coef > 0
+        if self.sharding is not None:
+            self._shard(needs_reference)
         self.family.place(self.sd_pipeline.sd_pipeline, self.accelerator.device, self.inference_dtype, self.use_lora)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -110,8 +117,12 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
         params = trainable if isinstance(trainable, list) else [p for p in trainable.parameters() if p.requires_grad]
         if not params:
             raise ValueError("The pipeline has no trainable parameters: get_trainable_layers() returned none.")
-        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
-        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+        if self.sharding is None:
+            self.accelerator.register_save_state_pre_hook(self._save_model_hook)
+            self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+        else:
+            self.accelerator.register_save_state_pre_hook(self._save_sharded_hook)
+            self.accelerator.register_load_state_pre_hook(self._load_sharded_hook)
         optimizer = self._setup_optimizer(params)
         self.image_size = self.family.image_size(self.sd_pipeline.sd_pipeline, config.resolution)
         self.negative_conditioning = None
@@ -124,7 +135,11 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
                 )
         self.autocast = self.sd_pipeline.autocast or self.accelerator.autocast
 
-        if isinstance(trainable, list):
+        if self.sharding is not None:
+            # already sharded: accelerate's wrappers (DDP) must not see the module, nor its checkpointing the
+            # optimizer (whose state is sharded too)
+            self.training_denoiser, self.optimizer, self.trainable_params = self.denoiser, optimizer, params
+        elif isinstance(trainable, list):
             # a parameter list cannot be wrapped for DDP; it trains on one process only
             self.trainable_params, self.optimizer = self.accelerator.prepare(trainable, optimizer)
             self.training_denoiser = self.denoiser
@@ -132,10 +147,10 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
             # train through the prepared module so that DDP sees the forward and all-reduces gradients
             self.training_denoiser, self.optimizer = self.accelerator.prepare(trainable, optimizer)
             self.trainable_params = [p for p in self.training_denoiser.parameters() if p.requires_grad]
-        self.reference = None
-        if self.loss_fn.needs_reference or config.kl_coef > 0:
+        if needs_reference and self.reference is None:
             self.reference = ReferencePolicy(self.denoiser, use_lora=self.use_lora, dtype=self.inference_dtype)
-        if config.gradient_checkpointing:
+        sharded_checkpointing = self.sharding is not None and self.sharding.options.activation_checkpointing
+        if config.gradient_checkpointing or sharded_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         if config.compile_unet:
             from .accelerator import compile_unet
@@ -146,7 +161,8 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
         if config.ema_decay > 0:
             self.ema = ParameterEMA(self.trainable_params, config.ema_decay, config.ema_update_every,
                                     on_cpu=config.ema_on_cpu)
-            self.accelerator.register_for_checkpointing(self.ema)
+            if self.sharding is None:  # sharded: its shards are in the sharded checkpoint
+                self.accelerator.register_for_checkpointing(self.ema)
         self.executor = futures.ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
         self.skew_watch = NegativeSkewWatch()
         self.compute = ComputeCounter()
@@ -176,6 +192,20 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
         """The dtype of the frozen parts (VAE, text encoders, the LoRA base): the mixed precision's."""
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
 
+    def _shard(self, needs_reference: bool) -> None:
+        """Shard the denoiser with FSDP2 before it is moved to the device (each process moves its shards only), and
+        the frozen reference copy of DPO / the KL term, taken before (a sharded module cannot be copied)."""
+        if needs_reference:
+            self.reference = ReferencePolicy(self.denoiser, use_lora=False, dtype=self.inference_dtype,
+                                             shard=functools.partial(self.sharding.shard, frozen=True))
+        self.sharding.shard(self.denoiser)
+
+    def _save_sharded_hook(self, models, weights, output_dir):
+        self.sharding.save_state(output_dir, self.denoiser, self.optimizer, self.ema)
+
+    def _load_sharded_hook(self, models, input_dir):
+        self.sharding.load_state(input_dir, self.denoiser, self.optimizer, self.ema)
+
     def _save_model_hook(self, models, weights, output_dir):
         unwrapped = self.accelerator.unwrap_model(models[0])
         if self.accelerator.is_main_process:
@@ -187,6 +217,10 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
             weights.pop()  # the family wrote the weights; accelerate must not write them again
 
     def _load_model_hook(self, models, input_dir):
+        from .sharding import SHARDED_STATE
+
+        if os.path.isdir(os.path.join(input_dir, SHARDED_STATE)):
+            raise ValueError(f"{input_dir} was written by a run with fsdp (sharded weights); resume it with fsdp.")
         denoiser = self.accelerator.unwrap_model(models[0])
         if self.use_lora:
             # into the adapter the optimizer holds (TRL adds a second adapter here, and nothing trains after)
@@ -291,7 +325,8 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
         ``<Pipeline>.from_pretrained(base).load_lora_weights(save_directory)`` (the family's diffusers pipeline
         class, e.g. `StableDiffusionPipeline`). With full fine-tuning: the whole pipeline, for
         ``<Pipeline>.from_pretrained(save_directory)``. Both get a model card
-        (``README.md``); `card_kwargs` go to [`~b2trl.hub.build_model_card`]. Only the main process writes.
+        (``README.md``); `card_kwargs` go to [`~b2trl.hub.build_model_card`]. Call it on every process: only the
+        main process writes, and with FSDP2 sharding every process takes part in gathering the whole weights.
 
         Args:
             save_directory (`str`): the folder to write.
@@ -303,7 +338,13 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
         if ema and self.ema is None:
             raise ValueError("save_pretrained(ema=True) needs ema_decay > 0 in the config: no average was kept.")
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        if self.sharding is not None:
+            # every process takes part in gathering the whole weights (with its EMA shards swapped in)
+            with self.ema.applied() if ema else contextlib.nullcontext():
+                weights = self.sharding.full_state_dict(self.denoiser)
+            if self.accelerator.is_main_process:
+                save_trained(self, save_directory, ema=ema, denoiser_weights=weights, **card_kwargs)
+        elif self.accelerator.is_main_process:
             with self.ema.applied() if ema else contextlib.nullcontext():
                 save_trained(self, save_directory, ema=ema, **card_kwargs)
         self.accelerator.wait_for_everyone()

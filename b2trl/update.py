@@ -86,7 +86,7 @@ class PolicyUpdate:
                 steps_per_forward=config.train_timesteps_per_forward,
                 group_size=self.loss_fn.group_size,
             ):
-                sync = contextlib.nullcontext() if closes_window else self.accelerator.no_sync(self.training_denoiser)
+                sync = contextlib.nullcontext() if closes_window else self._no_sync()
                 with sync:
                     out = self.micro_batch_loss(batch)
                     self.accelerator.backward(out.loss * scale)
@@ -94,7 +94,7 @@ class PolicyUpdate:
                 self.compute.add("training", rows * self.accelerator.num_processes)
                 info.add_output(out)
                 if closes_window:
-                    grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, config.train_max_grad_norm)
+                    grad_norm = self._clip_grad_norm(config.train_max_grad_norm)
                     if grad_norm is not None:
                         info.add("grad_norm", grad_norm)
                     self.optimizer.step()
@@ -105,6 +105,18 @@ class PolicyUpdate:
         stats = info.means(self.accelerator)
         stats["optimizer_steps"] = global_step - first_step
         return global_step, stats
+
+    def _no_sync(self):
+        """Inside an accumulation window: DDP skips its all-reduce; a sharded denoiser reduce-scatters anyway (see
+        [`~b2trl.sharding.FSDP2Sharding.no_sync`])."""
+        if self.sharding is not None:
+            return self.sharding.no_sync(self.training_denoiser)
+        return self.accelerator.no_sync(self.training_denoiser)
+
+    def _clip_grad_norm(self, max_norm: float):
+        if self.sharding is not None:
+            return self.sharding.clip_grad_norm_(self.trainable_params, max_norm)
+        return self.accelerator.clip_grad_norm_(self.trainable_params, max_norm)
 
     def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         """The loss of one micro-batch of transitions (one row per sample and interval step), plus

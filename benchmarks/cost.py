@@ -114,6 +114,8 @@ def parse_args(argv):
     run.add_argument("--timesteps-per-forward", type=int, default=None,
                      help="B²'s train_timesteps_per_forward: interval steps stacked into one training UNet call "
                      "(default: the config's default)")
+    run.add_argument("--gradient-checkpointing", action="store_true",
+                     help="B²'s gradient_checkpointing: recompute the denoiser's activations in the backward pass")
     run.add_argument("--guidance-scale", type=float, default=None,
                      help="classifier-free guidance scale (default 5.0), or FLUX.1-dev's embedded guidance (3.5)")
     run.add_argument("--reward", choices=["auto", "toy_alignment", "brightness", "random"], default="auto",

@@ -76,8 +76,14 @@ class CardSamples:
     def after(self, trainer, saved: str, output_dir: str) -> CardContent:
         from ..hub import reward_evaluation, sample_for_card
 
+        # a sharded denoiser runs only with every process taking part: sample the exported pipeline instead
+        trained, device = trainer.sd_pipeline, None
+        if getattr(trainer, "sharding", None) is not None:
+            from ..models import load_pipeline
+
+            trained, device = load_pipeline(saved, use_lora=False), self.device
         with trainer.accelerator.autocast():
-            self.images["trained"] = sample_for_card(trainer.sd_pipeline, self.prompts, CARD_SEEDS, trainer.config)
+            self.images["trained"] = sample_for_card(trained, self.prompts, CARD_SEEDS, trainer.config, device)
         label = f"reward `{self.reward_name}`, mean of the {len(self.prompts) * len(CARD_SEEDS)} samples above"
         evaluation = reward_evaluation(self.reward_fn, self.images, self.prompts, label, self.device)
         return CardContent(self.prompts, CARD_SEEDS, self.images, evaluation)

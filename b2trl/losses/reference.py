@@ -18,15 +18,19 @@ class ReferencePolicy:
 
     With LoRA it costs nothing: the adapter is switched off for the reference's forward passes. For full
     fine-tuning a frozen copy of the denoiser is taken before training starts — one more denoiser in memory, in
-    the inference dtype (about 1.7 GB for SD1.5's UNet in fp16, 5 GB for SDXL's).
+    the inference dtype (about 1.7 GB for SD1.5's UNet in fp16, 5 GB for SDXL's); with FSDP2 sharding, a shard
+    of it on each process.
 
     Args:
         denoiser (`torch.nn.Module`): the pipeline's UNet or transformer (unwrapped).
         use_lora (`bool`): whether the denoiser trains a LoRA adapter.
         dtype (`torch.dtype`, *optional*): dtype of the frozen copy (full fine-tuning).
+        shard (`Callable[[torch.nn.Module], torch.nn.Module]`, *optional*): shards the frozen copy in place (FSDP2,
+            [`~b2trl.sharding.FSDP2Sharding.shard`]), so that each process holds a shard of it; pass an unsharded
+            `denoiser`.
     """
 
-    def __init__(self, denoiser, *, use_lora: bool, dtype=None):
+    def __init__(self, denoiser, *, use_lora: bool, dtype=None, shard=None):
         self.denoiser = denoiser
         self.use_lora = use_lora
         self.copy = None
@@ -35,6 +39,8 @@ class ReferencePolicy:
             if dtype is not None:
                 with hide_known_warnings():
                     self.copy.to(dtype=dtype)
+            if shard is not None:
+                shard(self.copy)
 
     @contextlib.contextmanager
     def active(self):

@@ -1,7 +1,8 @@
 """Train the tiny test pipeline in its own process (used by the kill-and-resume and multi-process tests).
 
     python train_tiny.py MODEL_DIR PROJECT_DIR [--epochs N] [--sleep S] [--stats FILE] [--distributed]
-        [--resolution PIXELS]
+        [--resolution PIXELS] [--full] [--fsdp] [--fsdp-kwargs JSON] [--save-freq N] [--resume-from WHERE]
+        [--dump-weights FILE] [--export DIR]
 """
 
 import argparse
@@ -39,9 +40,19 @@ parser.add_argument("--loss-type", default="ppo", help="B2DiffuRLConfig.loss_typ
 parser.add_argument("--selection-rule", default="best_worst", help="B2DiffuRLConfig.selection_rule")
 parser.add_argument("--advantage-std", default="group", help="B2DiffuRLConfig.advantage_std")
 parser.add_argument("--ema-decay", type=float, default=0.0, help="B2DiffuRLConfig.ema_decay")
+parser.add_argument("--kl-coef", type=float, default=0.0, help="B2DiffuRLConfig.kl_coef")
 parser.add_argument("--resolution", type=int, default=None,
                     help="B2DiffuRLConfig.resolution (a FLUX pipeline's own default size is too large for a CPU)")
 parser.add_argument("--plain-ddpo", action="store_true", help="run TRL's DDPOTrainer instead (a control)")
+parser.add_argument("--full", action="store_true", help="full fine-tuning (use_lora=False)")
+parser.add_argument("--fsdp", action="store_true", help="B2DiffuRLConfig.fsdp: the denoiser sharded with FSDP2")
+parser.add_argument("--fsdp-kwargs", type=json.loads, default={}, help="B2DiffuRLConfig.fsdp_kwargs, as JSON")
+parser.add_argument("--save-freq", type=int, default=None, help="B2DiffuRLConfig.save_freq (default: 1, or 0 with "
+                    "--distributed)")
+parser.add_argument("--resume-from", default=None, help="B2DiffuRLConfig.resume_from")
+parser.add_argument("--dump-weights", default=None, help="torch.save the denoiser's trained parameters (whole) here")
+parser.add_argument("--export", default=None, help="save_pretrained into this folder after training (and, with "
+                    "--ema-decay, the EMA weights into FOLDER_ema)")
 args = parser.parse_args()
 
 
@@ -64,7 +75,10 @@ else:
     prompts = ("a cat", "a dog", "a red circle", "a blue square")
 config = small_config(
     num_epochs=args.epochs,
-    save_freq=0 if args.distributed else 1,
+    save_freq=args.save_freq if args.save_freq is not None else 0 if args.distributed else 1,
+    resume_from=args.resume_from,
+    fsdp=args.fsdp,
+    fsdp_kwargs=args.fsdp_kwargs,
     project_kwargs={"project_dir": args.project_dir},
     accelerator_kwargs=accelerator_kwargs,
     train_learning_rate=1e-2,
@@ -72,6 +86,7 @@ config = small_config(
     selection_rule=args.selection_rule,
     advantage_std=args.advantage_std,
     ema_decay=args.ema_decay,
+    kl_coef=args.kl_coef,
     resolution=args.resolution,
 )
 if args.plain_ddpo:
@@ -95,13 +110,19 @@ if args.plain_ddpo:
     leave()
 
 
-trainer = B2DiffuRLTrainer(config, reward, cycling_prompts(prompts), load_pipeline(args.model_dir))
+trainer = B2DiffuRLTrainer(config, reward, cycling_prompts(prompts), load_pipeline(args.model_dir,
+                                                                                  use_lora=not args.full))
+
+
+def whole(tensor):
+    """A parameter's whole values on every process (a sharded one gathered)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def log_stage(trainer, stats):
     record = dict(stats, rank=trainer.accelerator.process_index)
     if args.distributed:
-        flat = torch.cat([p.detach().reshape(-1) for p in trainer.trainable_params])
+        flat = torch.cat([whole(p.detach()).reshape(-1) for p in trainer.trainable_params])
         everyone = trainer.accelerator.gather(flat.unsqueeze(0))
         record["max_weight_diff_across_ranks"] = float((everyone - everyone[0]).abs().max())
         stage = trainer.last_stage
@@ -113,7 +134,7 @@ def log_stage(trainer, stats):
         record["weight_norm"] = float(flat.norm())
         record["rewards"] = stage.rewards.tolist()
         record["prompts"] = list(stage.all_prompts)
-        if trainer.ema is not None:
+        if trainer.ema is not None and trainer.sharding is None:  # a sharded EMA differs by design (its shards)
             average = torch.cat([a.reshape(-1) for a in trainer.ema.average])
             everyone = trainer.accelerator.gather(average.unsqueeze(0))
             record["max_ema_diff_across_ranks"] = float((everyone - everyone[0]).abs().max())
@@ -125,5 +146,13 @@ def log_stage(trainer, stats):
 
 trainer.stage_end_callbacks.append(log_stage)
 trainer.train()
+if args.dump_weights:
+    weights = {n: whole(p.detach()).cpu() for n, p in trainer.denoiser.named_parameters()}
+    if trainer.accelerator.is_main_process:
+        torch.save(weights, args.dump_weights)
+if args.export:
+    trainer.save_pretrained(args.export)
+    if trainer.ema is not None:
+        trainer.save_pretrained(args.export + "_ema", ema=True)
 trainer.accelerator.end_training()
 leave()
