@@ -46,6 +46,24 @@ def resolution_shift(scheduler_config, image_seq_len: int, default_max_shift: fl
     return image_seq_len * slope + intercept
 
 
+def packed_image_size(pipe, resolution: Optional[int], model: str) -> tuple[int, int]:
+    """
+    ``(height, width)`` for a family whose transformer packs latents in 2x2 patches (FLUX.1, Qwen-Image):
+    `resolution` square, checked to be a multiple of twice the VAE's scale factor, else the pipeline's own default
+    (``default_sample_size`` latent pixels, 1024 px). `model` names the model in the error.
+    """
+    multiple = 2 * int(pipe.vae_scale_factor)
+    if resolution is not None:
+        if resolution < multiple or resolution % multiple:
+            raise ValueError(
+                f"resolution must be a positive multiple of {multiple} for {model} (the VAE's scale factor "
+                f"{pipe.vae_scale_factor} times the 2x2 patches), got {resolution}."
+            )
+        return (resolution, resolution)
+    side = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+    return (side, side)
+
+
 @dataclass
 class Conditioning:
     """

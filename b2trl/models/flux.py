@@ -21,7 +21,7 @@ import logging
 import numpy as np
 import torch
 
-from .base import ModelFamily, resolution_shift, token_ids
+from .base import ModelFamily, packed_image_size, resolution_shift, token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -237,18 +237,9 @@ class FluxFamily(ModelFamily):
     # ------------------------------------------------------------------ latents and images
 
     def image_size(self, pipe, resolution=None):
-        """``(height, width)``: `resolution` square (a multiple of twice the VAE's scale factor: the latents are
-        packed in 2x2 patches), else `FluxPipeline`'s default, ``default_sample_size · vae_scale_factor`` (1024)."""
-        factor = 2 * int(pipe.vae_scale_factor)
-        if resolution is not None:
-            if resolution < factor or resolution % factor:
-                raise ValueError(
-                    f"resolution must be a positive multiple of {factor} for FLUX (the VAE's scale factor, then 2x2 "
-                    f"packing), got {resolution}."
-                )
-            return (resolution, resolution)
-        side = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-        return (side, side)
+        """``(height, width)``: `resolution` square (a multiple of 16: the VAE's scale factor, then the 2x2
+        packing), else `FluxPipeline`'s default, ``default_sample_size · vae_scale_factor`` (1024)."""
+        return packed_image_size(pipe, resolution, "FLUX")
 
     def latent_shape(self, pipe, batch_size, image_size):
         """Unpacked: ``(B, in_channels / 4, h, w)`` with ``h = H / vae_scale_factor`` (even)."""

@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import ModelFamily, resolution_shift
+from .base import ModelFamily, packed_image_size, resolution_shift
 
 logger = logging.getLogger(__name__)
 
@@ -279,16 +279,7 @@ class QwenImageFamily(ModelFamily):
     def image_size(self, pipe, resolution: Optional[int] = None) -> tuple[int, int]:
         """``(height, width)``: `resolution` square (a multiple of the VAE's scale factor times the 2x2 patches,
         16 for Qwen-Image), else the pipeline's default size (``default_sample_size`` latent pixels, 1024 px)."""
-        multiple = 2 * int(pipe.vae_scale_factor)
-        if resolution is not None:
-            if resolution < multiple or resolution % multiple:
-                raise ValueError(
-                    f"resolution must be a positive multiple of {multiple} for this Qwen-Image pipeline (its VAE's "
-                    f"scale factor {pipe.vae_scale_factor} times the 2x2 patches), got {resolution}."
-                )
-            return (resolution, resolution)
-        side = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-        return (side, side)
+        return packed_image_size(pipe, resolution, "this Qwen-Image pipeline")
 
     def latent_shape(self, pipe, batch_size, image_size):
         factor = int(pipe.vae_scale_factor)

@@ -120,3 +120,24 @@ def clip_shaped_config(hidden_size: int, num_hidden_layers: int, num_attention_h
         pad_token_id=_CHAR_EOS,
         **config,
     )
+
+
+def tiny_t5_encoder(tokenizer, d_model: int):
+    """A one-layer gated-GELU `T5EncoderModel` of width `d_model` over `tokenizer`'s vocabulary (a tiny stand-in for
+    the T5-XXL text encoders of SD3 and FLUX.1)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )

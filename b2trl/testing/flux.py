@@ -6,7 +6,14 @@ from typing import Optional
 
 import torch
 
-from .common import char_tokenizer, clip_shaped_config, t5_char_tokenizer, tiny_clip_config, tiny_vae
+from .common import (
+    char_tokenizer,
+    clip_shaped_config,
+    t5_char_tokenizer,
+    tiny_clip_config,
+    tiny_t5_encoder,
+    tiny_vae,
+)
 
 # FLUX.1's VAE: 16 latent channels, no quantisation convolutions, these scale and shift factors
 FLUX_VAE = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
@@ -59,7 +66,7 @@ def build_tiny_flux_pipeline(
         The `diffusers.FluxPipeline`.
     """
     from diffusers import FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     t5_tokenizer = t5_char_tokenizer(t5_max_length)
     torch.manual_seed(seed)
@@ -76,20 +83,7 @@ def build_tiny_flux_pipeline(
         axes_dims_rope=(2, 2, 4),  # sums to the head width
     )
     text_encoder = CLIPTextModel(tiny_clip_config(clip_hidden_size, model_max_length, num_hidden_layers=2))
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=joint_attention_dim,
-            d_kv=8,
-            d_ff=2 * joint_attention_dim,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-        )
-    )
+    text_encoder_2 = tiny_t5_encoder(t5_tokenizer, joint_attention_dim)
     pipe = FluxPipeline(
         scheduler=_scheduler(guidance_embeds, base_image_seq_len=base_image_seq_len,
                              max_image_seq_len=max_image_seq_len),

@@ -6,7 +6,14 @@ from typing import Optional
 
 import torch
 
-from .common import char_tokenizer, clip_shaped_config, t5_char_tokenizer, tiny_clip_config, tiny_vae
+from .common import (
+    char_tokenizer,
+    clip_shaped_config,
+    t5_char_tokenizer,
+    tiny_clip_config,
+    tiny_t5_encoder,
+    tiny_vae,
+)
 
 
 def build_tiny_sd3_pipeline(
@@ -39,7 +46,7 @@ def build_tiny_sd3_pipeline(
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     def clip(hidden_size):
         # two layers: SD3 conditions on the penultimate one
@@ -72,20 +79,7 @@ def build_tiny_sd3_pipeline(
         shift_factor=0.0609,
     )
     text_encoder, text_encoder_2 = clip(clip_hidden_sizes[0]), clip(clip_hidden_sizes[1])
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=joint_attention_dim,
-            d_kv=8,
-            d_ff=2 * joint_attention_dim,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-        )
-    )
+    text_encoder_3 = tiny_t5_encoder(t5_tokenizer, joint_attention_dim)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
