@@ -65,8 +65,15 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # dtype-cast notices, not results
+    try:
+        return _grid(args)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
+
+def _grid(args) -> dict:
     def cost_args(n: int, interval: int):
         argv = ["--in-process", "--num-steps", str(args.num_steps), "--interval", str(interval),
                 "--prompts", str(args.images // n), "--branches", str(n), "--reward", args.reward,

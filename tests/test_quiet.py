@@ -20,12 +20,17 @@ class Records(logging.Handler):
 @pytest.fixture
 def diffusers_messages():
     """What diffusers logs during the test (its library logger does not propagate to the root's handlers)."""
+    from diffusers.utils import logging as diffusers_logging
+
     handler = Records()
     logger = logging.getLogger("diffusers")
     logger.addHandler(handler)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()  # whatever an earlier test set: the warnings must be emitted
     try:
         yield handler.messages
     finally:
+        diffusers_logging.set_verbosity(verbosity)
         logger.removeHandler(handler)
 
 

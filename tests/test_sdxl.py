@@ -322,15 +322,14 @@ def test_the_sdxl_shaped_builder_has_sdxl_base_sizes_and_runs_at_tiny_width():
     assert out.images.shape == (2, 3, 64, 64) and torch.isfinite(out.log_probs).all()
 
 
-def test_the_example_script_trains_sdxl_and_writes_a_lora_diffusers_loads(sdxl_dir, tmp_path, monkeypatch):
+def test_the_train_command_trains_sdxl_and_writes_a_lora_diffusers_loads(sdxl_dir, tmp_path, monkeypatch):
     from diffusers import StableDiffusionXLPipeline
 
-    from helpers import load_script
+    from b2trl.cli import main
 
-    train_sd = load_script(Path(__file__).resolve().parents[1] / "examples" / "train_sd.py", "train_sd_sdxl")
     monkeypatch.chdir(Path(__file__).parent)  # so that 'helpers:brightness_reward' imports
     out = tmp_path / "out"
-    train_sd.main(["--pretrained_model", sdxl_dir, "--prompts", "a cat", "a dog", "--output_dir", str(out),
+    main(["train", "--pretrained_model", sdxl_dir, "--prompts", "a cat", "a dog", "--output_dir", str(out),
                    "--num_epochs", "1", "--sample_num_steps", "4", "--sample_batch_size", "2",
                    "--sample_num_batches_per_epoch", "1", "--num_branches", "2", "--initial_length", "2",
                    "--num_stages", "1", "--reward", "helpers:brightness_reward", "--no_branch_images"])
