@@ -9,6 +9,7 @@ from trl import DDPOConfig
 
 from .advantages import RULES
 from .advantages.grpo import STD_MODES
+from .evaluation_config import EvaluationFields, evaluation_errors
 from .losses import LOSS_TYPES, LOSSES
 from .samplers import DDIMSampler
 from .schedule import IntervalSchedule
@@ -18,7 +19,7 @@ COMPILE_ARGUMENTS = ("backend", "dynamic", "fullgraph", "mode", "options", "disa
 
 
 @dataclass
-class B2DiffuRLConfig(DDPOConfig):
+class B2DiffuRLConfig(EvaluationFields, DDPOConfig):
     r"""
     Configuration class for [`B2DiffuRLTrainer`].
 
@@ -69,6 +70,48 @@ class B2DiffuRLConfig(DDPOConfig):
         method (`str` or `None`, *optional*, defaults to `None`):
             The named method preset this configuration was built from ([`B2DiffuRLConfig.for_method`]); recorded
             for logs and model cards. Set by `for_method`.
+        eval_prompts (`list[str]` or `None`, *optional*, defaults to `None`):
+            Evaluation prompts, inline. At most one of `eval_prompts`, `eval_prompts_file` and
+            `eval_prompts_dataset` is given.
+        eval_prompts_file (`str` or `None`, *optional*, defaults to `None`):
+            A text file of evaluation prompts, one per line.
+        eval_prompts_dataset (`str` or `None`, *optional*, defaults to `None`):
+            A `datasets` dataset of evaluation prompts (Hub id, local dataset or `save_to_disk` folder), read from
+            `eval_prompts_dataset_split` (default `"train"`) and `eval_prompts_dataset_column` (default `"prompt"`).
+        eval_every (`int`, *optional*, defaults to `0`):
+            Evaluate after every `eval_every`-th stage and after the last one (0: off). An evaluation samples every
+            prompt once per seed of `eval_seeds` with the pipeline (with the EMA weights when `ema_decay > 0`),
+            scores the images with each of `eval_rewards`, and logs ``eval/<reward>`` with the stage's statistics
+            and a labelled grid image (``eval/grid``) to the trackers.
+        eval_seeds (`list[int]`, *optional*, defaults to `[0]`):
+            Noise seeds of the evaluation: a (prompt, seed) pair starts from the same noise at every evaluation,
+            on any number of processes and with any batch size.
+        eval_rewards (`list[str]`, *optional*, defaults to `[]`):
+            The rewards an evaluation scores with ([`~b2trl.rewards.get_reward`] names or
+            ``"package.module:function"``; ``"reward"`` is the training reward), each logged as ``eval/<name>``
+            (``eval/<function>`` for ``"package.module:function"``). Empty: the training reward, as
+            ``eval/reward``. Several rewards show reward hacking: the trained one rising while another falls.
+        save_best (`bool`, *optional*, defaults to `False`):
+            Keep the checkpoint whose evaluation was best by `metric_for_best_model` as
+            ``checkpoints/checkpoint_best`` (a complete checkpoint that `resume_from` accepts, also as
+            ``"best"``). Needs `eval_every > 0`.
+        metric_for_best_model (`str` or `None`, *optional*, defaults to `None`):
+            The evaluation metric that decides the best checkpoint and the evaluation-drop guard,
+            ``"eval/<name>"`` (the ``"eval/"`` prefix may be left out). Default: the first of `eval_rewards`.
+        greater_is_better (`bool`, *optional*, defaults to `True`):
+            Whether a higher `metric_for_best_model` is better.
+        load_best_model_at_end (`bool`, *optional*, defaults to `False`):
+            When training ends, normally or stopped by the guard, restore the best checkpoint's weights (and EMA).
+            Needs `save_best`.
+        on_collapse (`str`, *optional*, defaults to `"warn"`):
+            What the collapse guard does when the skew watch fires (the kept samples' advantages mostly negative,
+            see [`~b2trl.scoring.NegativeSkewWatch`]) or an evaluation falls more than `collapse_tolerance` below
+            the best: `"warn"` logs it; `"stop"` ends training after the stage (`train()` returns;
+            `trainer.guard.stopped` says why); `"rollback"` restores the best checkpoint and goes on with
+            `selection_rule="pairs"` (needs `save_best`). Each event is logged as ``guard/*`` statistics.
+        collapse_tolerance (`float` or `None`, *optional*, defaults to `None`):
+            An evaluation more than this far below the best, in the units of `metric_for_best_model`, counts as a
+            collapse. `None`: only the skew watch triggers the guard. Needs `eval_every > 0`.
         interval_schedule (`IntervalSchedule`, *optional*):
             Which denoising steps are trained at each stage (reference: the last 14 + floor(7k/100) of 20;
             `IntervalSchedule(anchor="start")` trains that many first steps instead).
@@ -401,6 +444,7 @@ class B2DiffuRLConfig(DDPOConfig):
             errors.append(f"train_clip_range must be > 0, got {self.train_clip_range}.")
         if not self.train_adv_clip_max > 0:
             errors.append(f"train_adv_clip_max must be > 0, got {self.train_adv_clip_max}.")
+        errors.extend(evaluation_errors(self))
         if self.sample_num_steps >= 1:
             try:
                 self.interval_schedule.validate(self.sample_num_steps)
