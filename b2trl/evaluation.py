@@ -110,19 +110,26 @@ class Evaluator:
         last = len(self.prompts) - 1
         return first, real, [self.prompts[min(first + i, last)] for i in range(size)]
 
+    @property
+    def prompts_per_call(self) -> int:
+        """Prompts per pipeline call (each sampled once per seed): a sampling batch's images, or
+        `rollout_chunk_size`."""
+        config = self.config
+        return max(1, config.rollout_chunk_size or config.sample_batch_size * config.num_branches)
+
     def sample(self, trainer, prompts: list[str], first_index: int) -> torch.Tensor:
-        """`prompts` × seeds through the trained pipeline as the run samples, ``(seeds, prompts, 3, H, W)``."""
+        """`prompts` × seeds through the trained pipeline as the run samples, ``(seeds, prompts, 3, H, W)``;
+        `first_index` is the position of ``prompts[0]`` in the evaluation prompts (it decides the noise)."""
         from .images import generate_images
 
         config = self.config
         height, width = trainer.image_size
-        per_call = config.rollout_chunk_size or config.sample_batch_size * config.num_branches
         ema = trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext()
         trainer.denoiser.eval()
         with ema, trainer.autocast(), torch.no_grad():
             return generate_images(
                 trainer.sd_pipeline, prompts, self.seeds, num_inference_steps=config.sample_num_steps,
-                eta=config.sample_eta, batch_size=max(1, per_call), first_index=first_index, height=height,
+                eta=config.sample_eta, batch_size=self.prompts_per_call, first_index=first_index, height=height,
                 width=width, **trainer.family.guidance_call_kwargs(config),
             )
 
@@ -154,10 +161,17 @@ class Evaluator:
         start = time.perf_counter()
         accelerator = trainer.accelerator
         first, real, prompts = self._share(accelerator.process_index, accelerator.num_processes)
-        images = self.sample(trainer, prompts, first)
-        local = {key: values[:real] for key, values in self.score(images, prompts, accelerator.device).items()}
-        shown = max(0, min(real, GRID_PROMPTS - first))
-        tiles = (images[:, :shown].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        parts, tiles = {key: [] for key in self.rewards}, []
+        # a chunk at a time: only the scores and the grid's images are kept, whatever the number of prompts
+        for offset in range(0, len(prompts), self.prompts_per_call):
+            chunk = prompts[offset : offset + self.prompts_per_call]
+            images = self.sample(trainer, chunk, first + offset)
+            for key, values in self.score(images, chunk, accelerator.device).items():
+                parts[key].append(values)
+            shown = max(0, min(len(chunk), real - offset, GRID_PROMPTS - first - offset))
+            tiles.append((images[:, :shown].clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+        local = {key: np.concatenate(values)[:real] for key, values in parts.items()}
+        tiles = np.concatenate(tiles, axis=1)
         payload = [{"first": first, "scores": local, "tiles": tiles}]
         gathered = gather_object(payload) if accelerator.num_processes > 1 else payload
         gathered = sorted(gathered, key=lambda g: g["first"])

@@ -54,6 +54,16 @@ def test_a_share_of_the_prompts_gets_the_noise_of_its_position(tiny_model_dir, t
     assert (whole[:, 0] - whole[:, 1]).abs().max() > 0.01  # another position, other noise
 
 
+def test_an_evaluation_a_prompt_at_a_time_scores_the_same(tiny_model_dir, tmp_path):
+    trainer = _trainer(tiny_model_dir, tmp_path)
+    whole = trainer.evaluate()
+    trainer.config.rollout_chunk_size = 1  # one prompt per pipeline call: three calls per seed
+    assert trainer.evaluator.prompts_per_call == 1
+    chunked = trainer.evaluate()
+    np.testing.assert_allclose(chunked.scores["eval/reward"], whole.scores["eval/reward"], atol=1e-5)
+    assert chunked.grid.size == whole.grid.size  # every prompt is still in the grid
+
+
 def test_training_logs_the_evaluation_every_few_stages_and_after_the_last(tiny_model_dir, tmp_path):
     trainer = _trainer(tiny_model_dir, tmp_path, num_epochs=3, eval_every=2, train_learning_rate=1e-2)
     rows = []
