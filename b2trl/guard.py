@@ -79,9 +79,10 @@ class CollapseGuard:
         fall = -self._gain(value, self.best_value)
         return fall if fall > self.tolerance else None
 
-    def drop_message(self, stage: int, value: float, fall: float) -> str:
-        return (f"Stage {stage}: {self.metric} = {value:.4f}, {fall:.4f} below the best ({self.best_value:.4f} after "
-                f"stage {self.best_stage}), more than collapse_tolerance={self.tolerance}.")
+    def drop_message(self, value: float, fall: float) -> str:
+        """What an evaluation drop is, for the guard's message."""
+        return (f"{self.metric} = {value:.4f}, {fall:.4f} below the best ({self.best_value:.4f} after stage "
+                f"{self.best_stage}), more than collapse_tolerance={self.tolerance}")
 
     def record(self, event: CollapseEvent) -> CollapseEvent:
         self.events.append(event)

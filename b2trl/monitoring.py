@@ -134,8 +134,7 @@ class TrainingMonitor:
             value = result.metrics.get(self.guard.metric)
             fall = self.guard.drop(value)
             if fall is not None:
-                message = self.guard.drop_message(stage.index, value, fall)
-                triggers.append(("eval_drop", message))
+                triggers.append(("eval_drop", self.guard.drop_message(value, fall)))
             best = self.guard.improves(value)
             if best:
                 self.guard.set_best(stage.index, value)
@@ -183,7 +182,8 @@ class TrainingMonitor:
                        + f" and training goes on with selection_rule={ROLLBACK_RULE!r}.")
             stats["guard/rollback"] = 1
             stats["guard/restored_stage"] = -1 if restored is None else restored
-        logger.warning(message)
+        if mode != "warn" or trigger != "skew":  # the skew watch's own warning already said it all
+            logger.warning(message)
         self.guard.record(CollapseEvent(stage_index, trigger, mode, message, restored))
         return stats
 
