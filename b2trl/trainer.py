@@ -62,7 +62,9 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, TrainingMonitor, DDPOTrainer
 
     After each stage, `trainer.last_stage` is its [`~b2trl.stage.Stage`] (rewards, normalised scores, keep mask
     and advantages of every process's samples, in sample order, and the logged statistics), and
-    `trainer.last_stage_stats` its statistics.
+    `trainer.last_stage_stats` its statistics. With `eval_every > 0` the trainer evaluates as it trains, keeps the
+    best checkpoint (`save_best`) and acts on a collapse (`on_collapse`); `trainer.evaluate()` runs one evaluation
+    now, and `trainer.guard` holds the best evaluation and the guard's events (see [`~b2trl.monitoring`]).
     """
 
     _tag_names = ["trl", "b2trl", "b2-diffurl"]
