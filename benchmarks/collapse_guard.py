@@ -115,14 +115,25 @@ def fmt(value, digits=3) -> str:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| mode | seed | base | best (after stage) | guard fired after stages | final | lowest after the first "
-             "rollback | study v2 `b2`, final |", "|---|---|---|---|---|---|---|---|"]
+    """One row per run: the base, the best evaluation before the guard first fired and after, where it fired and
+    what it restored, the last evaluation, and the study's run without the guard."""
+    lines = ["| mode | training seed | base | best before the guard fired (stage) | guard fired after stage (what; "
+             "restored stage) | best overall (stage) | lowest after it fired | final | study v2 `b2`, final |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["mode"], r["seed"])):
-        fired = ", ".join(f"{e['stage']} ({e['trigger'].replace('_', ' ')})" for e in r["events"]) or "–"
+        first = r["events"][0]["stage"] if r["events"] else None
+        before = [p for p in r["curve"] if first is None or p["stage"] <= first]
+        best_before = max(before, key=lambda p: p["alignment"])
+        after = [p["alignment"] for p in r["curve"] if first is not None and p["stage"] > first]
+        fired = "; ".join(
+            f"{e['stage']} ({e['trigger'].replace('_', ' ').replace('+', ' + ')}"
+            + (f"; {e['restored_stage']}" if e["restored_stage"] is not None else "") + ")"
+            for e in r["events"]
+        ) or "–"
         lines.append(
-            f"| {r['mode']} | {r['seed']} | {fmt(r['base'])} | {fmt(r['best']['alignment'])} ({r['best']['stage']}) | "
-            f"{fired} | {fmt(r['final'])} | {fmt(r['lowest_after_first_rollback'])} | "
-            f"{fmt(STUDY_FINAL.get(r['seed']))} |"
+            f"| {r['mode']} | {r['seed']} | {fmt(r['base'])} | {fmt(best_before['alignment'])} "
+            f"({best_before['stage']}) | {fired} | {fmt(r['best']['alignment'])} ({r['best']['stage']}) | "
+            f"{fmt(min(after) if after else None)} | **{fmt(r['final'])}** | {fmt(STUDY_FINAL.get(r['seed']))} |"
         )
     return "\n".join(lines)
 
