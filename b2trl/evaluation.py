@@ -148,7 +148,11 @@ class Evaluator:
                     raise ValueError(f"evaluation reward {key} returned shape {tuple(reward.shape)}; expected "
                                      f"({len(prompts)},), one per image.")
             values = torch.stack(rewards).double().cpu().numpy().T  # (prompts, seeds)
-            scores[key] = np.where(np.isfinite(values), values, np.nan)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                logger.warning(f"evaluation reward {key} returned NaN/inf for {int(bad.sum())} images; the mean "
+                               "leaves them out.")
+            scores[key] = np.where(bad, np.nan, values)
         return scores
 
     # ------------------------------------------------------------------ one evaluation
