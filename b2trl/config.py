@@ -101,13 +101,14 @@ class B2DiffuRLConfig(EvaluationFields, DDPOConfig):
         greater_is_better (`bool`, *optional*, defaults to `True`):
             Whether a higher `metric_for_best_model` is better.
         load_best_model_at_end (`bool`, *optional*, defaults to `False`):
-            When training ends, normally or stopped by the guard, restore the best checkpoint's weights (and EMA).
-            Needs `save_best`.
+            When training ends, restore the best checkpoint's weights (and EMA). Needs `save_best`. A run that the
+            guard stops restores it whether or not this is set.
         on_collapse (`str`, *optional*, defaults to `"warn"`):
             What the collapse guard does when the skew watch fires (the kept samples' advantages mostly negative,
             see [`~b2trl.scoring.NegativeSkewWatch`]) or an evaluation falls more than `collapse_tolerance` below
-            the best: `"warn"` logs it; `"stop"` ends training after the stage (`train()` returns;
-            `trainer.guard.stopped` says why); `"rollback"` restores the best checkpoint and goes on with
+            the best: `"warn"` logs it; `"stop"` ends training after the stage (`train()` returns with the best
+            checkpoint's weights when `save_best`; `trainer.guard.stopped` says why); `"rollback"` restores the best
+            checkpoint and goes on with
             `selection_rule="pairs"` (needs `save_best`). Each event is logged as ``guard/*`` statistics.
         collapse_tolerance (`float` or `None`, *optional*, defaults to `None`):
             An evaluation more than this far below the best, in the units of `metric_for_best_model`, counts as a

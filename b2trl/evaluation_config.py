@@ -149,8 +149,8 @@ class EvaluationFields:
     )
     load_best_model_at_end: bool = field(
         default=False,
-        metadata={"help": "At the end of train() (or when the guard stops it), restore the best checkpoint "
-                  "(needs save_best)."},
+        metadata={"help": "At the end of train(), restore the best checkpoint (needs save_best). A run the guard "
+                  "stops (on_collapse='stop') restores it anyway."},
     )
     on_collapse: str = field(
         default="warn",

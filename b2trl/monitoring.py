@@ -170,8 +170,8 @@ class TrainingMonitor:
         elif mode == "stop":
             message = (f"Stopping after stage {stage_index}: {what} (on_collapse='stop'). Best checkpoint: "
                        f"{self._best_description()}.")
-            if self.config.load_best_model_at_end and self.guard.best_stage is not None:
-                message += " It is restored (load_best_model_at_end)."
+            if self._restores_best(stopping=True):
+                message += " Its weights are restored."
             stats["guard/stop"] = 1
         else:
             best = self._best_description()
@@ -208,9 +208,17 @@ class TrainingMonitor:
         self.skew_watch = type(self.skew_watch)(self.skew_watch.stages, self.skew_watch.ratio)
         return restored
 
+    def _restores_best(self, stopping: bool) -> bool:
+        """Whether the end of `train()` restores the best checkpoint: with `load_best_model_at_end`, and always when
+        the guard stopped the run (its last weights are the ones it stopped for) and a best checkpoint was kept."""
+        best = self.best_checkpoint_dir
+        kept = self.config.save_best and self.guard.best_stage is not None and ckpt.is_complete(best)
+        return kept and (self.config.load_best_model_at_end or stopping)
+
     def end_monitoring(self) -> None:
-        """At the end of `train()`: restore the best checkpoint when `load_best_model_at_end` is set."""
-        if self.config.load_best_model_at_end and self.guard.best_stage is not None:
+        """At the end of `train()`: restore the best checkpoint with `load_best_model_at_end`, or when the guard
+        stopped the run and `save_best` kept one."""
+        if self._restores_best(stopping=self.guard.stopped is not None):
             self.load_best()
 
     def load_best(self) -> str:

@@ -78,8 +78,9 @@ def test_warn_logs_an_evaluation_drop_and_goes_on(tiny_model_dir, tmp_path, capl
 
 def test_stop_ends_training_after_the_drop_and_restores_the_best(tiny_model_dir, tmp_path, caplog):
     scripted_eval_reward([0.5, 0.875, 0.25, 0.875])
+    # no load_best_model_at_end: a stopped run restores the best checkpoint anyway
     trainer = _trainer(tiny_model_dir, tmp_path, num_epochs=4, eval_rewards=["scripted"], collapse_tolerance=0.5,
-                       on_collapse="stop", save_best=True, load_best_model_at_end=True)
+                       on_collapse="stop", save_best=True)
     with caplog.at_level(logging.WARNING):
         trainer.train()
     event = trainer.guard.stopped
@@ -87,6 +88,7 @@ def test_stop_ends_training_after_the_drop_and_restores_the_best(tiny_model_dir,
     assert [row["stage"] for row in trainer.rows] == [0, 1, 2]  # stage 3 never ran
     assert trainer.rows[-1]["guard/stop"] == 1 and trainer.first_epoch == 3
     assert "Stopping after stage 2" in caplog.text and trainer.best_checkpoint_dir in caplog.text
+    assert "Its weights are restored" in caplog.text
     assert max_change(trainer.weights[1], lora_params(trainer.sd_pipeline)) == 0  # the best weights are back
 
 
@@ -133,6 +135,7 @@ def test_stop_when_the_skew_watch_fires(tiny_model_dir, tmp_path):
     assert trainer.guard.stopped.trigger == "skew" and trainer.guard.stopped.stage == 2
     assert "no best checkpoint yet" in trainer.guard.stopped.message
     assert len(trainer.rows) == 3
+    assert max_change(trainer.weights[2], lora_params(trainer.sd_pipeline)) == 0  # nothing to restore: the last
 
 
 def test_rollback_when_the_skew_watch_fires_and_a_resumed_run_keeps_the_pairs_rule(tiny_model_dir, tmp_path):
