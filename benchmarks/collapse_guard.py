@@ -5,8 +5,9 @@ the interval growing from 14 to 20 of 20 steps over the 30 stages — collapsed 
 alignment 0.114 / 0.120 / 0.288 at 1,920 images, from 0.865). This script trains the same runs with evaluation
 during training (the 45 held-out prompts × the study's 3 evaluation seeds, scored with the exact `toy_alignment`
 reward every `--eval_every` stages), `save_best=True` and the guard in each `--modes` setting, and records where
-the guard fired, what it restored, the best evaluation reached and the last one. The final weights are those
-training ended with (`load_best_model_at_end=False`), so the last evaluation is what the rollback itself achieved.
+the guard fired, what it restored, the best evaluation reached, the last one, and the study's held-out evaluation
+of the weights training ended with (`load_best_model_at_end=False`: what the rollback itself achieved; a rollback
+after the last stage leaves the restored weights).
 
     python benchmarks/collapse_guard.py                                  # rollback, training seed 0
     python benchmarks/collapse_guard.py --modes rollback warn --seeds 0 1 2
@@ -84,8 +85,9 @@ def run_one(method: dict, study: dict, num_stages: int, mode: str, seed: int, ar
         )
         trainer.train()
         config = trainer.config
-        # the same held-out evaluation as the study's, on the final weights: it must match the trainer's last one
-        check = toy.evaluate_alignment(trainer.sd_pipeline, prompts=trainer.evaluator.prompts,
+        # the study's held-out evaluation of the weights training ended with (after a rollback at the last stage,
+        # the restored ones; otherwise those the last evaluation during training scored)
+        final = toy.evaluate_alignment(trainer.sd_pipeline, prompts=trainer.evaluator.prompts,
                                        seeds=tuple(config.eval_seeds), num_inference_steps=config.sample_num_steps,
                                        guidance_scale=config.sample_guidance_scale, eta=config.sample_eta)["overall"]
     finally:
@@ -103,7 +105,7 @@ def run_one(method: dict, study: dict, num_stages: int, mode: str, seed: int, ar
         "collapse_tolerance": args.tolerance, "eval_prompts": len(trainer.evaluator.prompts),
         "eval_seeds": list(config.eval_seeds), "base": base, "curve": curve, "stages": rows, "events": events,
         "best": {"stage": trainer.guard.best_stage, "alignment": trainer.guard.best_value},
-        "final": curve[-1]["alignment"], "final_check_evaluate_alignment": check,
+        "last_evaluation": curve[-1]["alignment"], "final": final,
         "lowest_after_first_rollback": min(after) if after else None,
         "stopped": trainer.guard.stopped is not None,
         "seconds": round(time.perf_counter() - started, 1),
@@ -118,11 +120,12 @@ def table(records: list[dict]) -> str:
     """One row per run: the base, the best evaluation before the guard first fired and after, where it fired and
     what it restored, the last evaluation, and the study's run without the guard."""
     lines = ["| mode | training seed | base | best before the guard fired (stage) | guard fired after stage (what; "
-             "restored stage) | best overall (stage) | lowest after it fired | final | study v2 `b2`, final |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "restored stage) | best overall (stage) | lowest after it fired | last evaluation | final weights | "
+             "study v2 `b2`, final |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["mode"], r["seed"])):
         first = r["events"][0]["stage"] if r["events"] else None
-        before = [p for p in r["curve"] if first is None or p["stage"] <= first]
+        # what the guard could restore: evaluations after a stage (the base model is no checkpoint)
+        before = [p for p in r["curve"] if p["stage"] >= 0 and (first is None or p["stage"] <= first)]
         best_before = max(before, key=lambda p: p["alignment"])
         after = [p["alignment"] for p in r["curve"] if first is not None and p["stage"] > first]
         fired = "; ".join(
@@ -133,7 +136,8 @@ def table(records: list[dict]) -> str:
         lines.append(
             f"| {r['mode']} | {r['seed']} | {fmt(r['base'])} | {fmt(best_before['alignment'])} "
             f"({best_before['stage']}) | {fired} | {fmt(r['best']['alignment'])} ({r['best']['stage']}) | "
-            f"{fmt(min(after) if after else None)} | **{fmt(r['final'])}** | {fmt(STUDY_FINAL.get(r['seed']))} |"
+            f"{fmt(min(after) if after else None)} | {fmt(r['last_evaluation'])} | **{fmt(r['final'])}** | "
+            f"{fmt(STUDY_FINAL.get(r['seed']))} |"
         )
     return "\n".join(lines)
 
