@@ -128,11 +128,15 @@ def table(records: list[dict]) -> str:
         before = [p for p in r["curve"] if p["stage"] >= 0 and (first is None or p["stage"] <= first)]
         best_before = max(before, key=lambda p: p["alignment"])
         after = [p["alignment"] for p in r["curve"] if first is not None and p["stage"] > first]
-        fired = "; ".join(
+        described = [
             f"{e['stage']} ({e['trigger'].replace('_', ' ').replace('+', ' + ')}"
             + (f"; {e['restored_stage']}" if e["restored_stage"] is not None else "") + ")"
             for e in r["events"]
-        ) or "–"
+        ]
+        if len(described) > 4:  # a run that only warns fires at every evaluation once it falls
+            rest = r["events"][1:]
+            described = [described[0], f"{len(rest)} more, stages {rest[0]['stage']}–{rest[-1]['stage']}"]
+        fired = "; ".join(described) or "–"
         lines.append(
             f"| {r['mode']} | {r['seed']} | {fmt(r['base'])} | {fmt(best_before['alignment'])} "
             f"({best_before['stage']}) | {fired} | {fmt(r['best']['alignment'])} ({r['best']['stage']}) | "
