@@ -97,7 +97,8 @@ def run_one(method: dict, study: dict, num_stages: int, mode: str, seed: int, ar
         {"stage": r["stage"], "images": (r["stage"] + 1) * per_stage, "alignment": r["eval/toy_alignment"]}
         for r in rows if "eval/toy_alignment" in r
     ]
-    events = [asdict(e) for e in trainer.guard.events]
+    # the run's temporary folder says nothing; the checkpoint's place in it does
+    events = [dict(asdict(e), message=e.message.replace(workdir, "<project_dir>")) for e in trainer.guard.events]
     first_action = next((e["stage"] for e in events if e["action"] == "rollback"), None)
     after = [p["alignment"] for p in curve if first_action is not None and p["stage"] > first_action]
     return {
