@@ -80,7 +80,10 @@ def test_wandb_offline_gets_scalars_and_both_grids(tiny_model_dir, tmp_path, mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    import wandb
+
     _train(tiny_model_dir, tmp_path, "wandb", tracker_kwargs={"wandb": {"dir": str(tmp_path)}})
+    wandb.teardown()  # the W&B service writes the run file in the background: wait for it to finish
     run_file, = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     rows = _wandb_history(run_file)
     by_step = {}
