@@ -70,6 +70,25 @@ class TrainingMonitor:
                 f"{self.best_checkpoint_dir} is the best checkpoint of another run. Continue that run with "
                 "resume_from='latest', or use another project_dir (project_kwargs / output folder)."
             )
+        if not config.resume_from:
+            self._trim_evaluation_log(None)  # a fresh run's record starts empty
+
+    @property
+    def evaluation_dir(self) -> str:
+        """Where each evaluation's grid and scores are written: ``<project_dir>/evaluation``."""
+        return os.path.join(self.accelerator.project_dir, "evaluation")
+
+    def _trim_evaluation_log(self, last_stage: Optional[int]) -> None:
+        """Keep the records of ``evaluations.jsonl`` up to `last_stage` (none with `None`): a resumed run evaluates
+        the later stages again, and each stage is recorded once."""
+        path = os.path.join(self.evaluation_dir, "evaluations.jsonl")
+        if not self.accelerator.is_main_process or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [] if last_stage is None else [line for line in lines if json.loads(line)["stage"] <= last_stage]
+        with open(path, "w") as f:
+            f.writelines(kept)
 
     @property
     def best_checkpoint_dir(self) -> str:
@@ -101,7 +120,7 @@ class TrainingMonitor:
         if not self.accelerator.is_main_process:
             return
         log_image(self.accelerator.trackers, "eval/grid", result.grid, stage_index)
-        folder = os.path.join(self.accelerator.project_dir, "evaluation")
+        folder = self.evaluation_dir
         os.makedirs(folder, exist_ok=True)
         result.grid.save(os.path.join(folder, f"stage_{stage_index:04d}.png"))
         record = {"stage": stage_index, **result.metrics, "best": best, "seeds": result.seeds,
@@ -243,6 +262,7 @@ class TrainingMonitor:
         """Restore [`monitoring_state`] from a checkpoint's state: the guard and, after a rollback, the rule."""
         if "guard" in state:
             self.guard.load_state_dict(state["guard"])
+        self._trim_evaluation_log(int(state["stage"]))
         name = state.get("selection_rule")
         if name and name != self.rule.name:
             self.rule = build_rule(self.config, name)

@@ -113,6 +113,8 @@ def test_save_best_keeps_the_best_stage_and_load_best_restores_it(tiny_model_dir
     resumed = _trainer(tiny_model_dir, tmp_path, num_epochs=4, eval_every=1, eval_seeds=[0], eval_rewards=["scripted"],
                        save_best=True, resume_from="best")
     assert resumed.first_epoch == 2 and resumed.guard.best_value == 0.875
+    log = (tmp_path / "evaluation" / "evaluations.jsonl").read_text().splitlines()
+    assert [json.loads(line)["stage"] for line in log] == [0, 1]  # stages 2 and 3 are evaluated again
     assert max_change(weights[1], lora_params(resumed.sd_pipeline)) == 0
 
 
