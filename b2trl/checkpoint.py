@@ -15,6 +15,7 @@ import shutil
 from typing import Optional
 
 STATE_FILE = "b2trl_state.json"
+BEST_NAME = "checkpoint_best"  # the best evaluated checkpoint (save_best)
 _NAME = re.compile(r"^checkpoint_(\d+)$")
 
 
@@ -47,9 +48,15 @@ def resolve_resume_path(resume_from: str, default_root: str) -> str:
     """
     Turn `resume_from` into one complete checkpoint folder.
 
-    Accepts ``"latest"`` (newest complete checkpoint under `default_root`), a checkpoint folder, or a folder
-    holding checkpoints (a ``checkpoints/`` folder or the project folder above it).
+    Accepts ``"latest"`` (newest complete checkpoint under `default_root`), ``"best"`` (``checkpoint_best`` under
+    it, kept by `save_best`), a checkpoint folder, or a folder holding checkpoints (a ``checkpoints/`` folder or the
+    project folder above it).
     """
+    if resume_from == "best":
+        best = os.path.join(default_root, BEST_NAME)
+        if not is_complete(best):
+            raise ValueError(f"resume_from='best': no complete best checkpoint at {best} (save_best=True keeps one).")
+        return best
     if resume_from == "latest":
         candidates = [default_root]
     else:
@@ -101,14 +108,16 @@ def prune(root: str, keep: Optional[int]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_stage(accelerator, root: str, stage: int, state: dict) -> str:
+def save_stage(accelerator, root: str, stage: int, state: dict, name: Optional[str] = None) -> str:
     """
     Write the checkpoint of `stage` under `root` with every process taking part (FSDP and DeepSpeed need it):
     accelerate's state into a hidden folder, then `state` (the marker), then the rename into place. On a failed
-    write the partial folder is removed and the error names the last complete checkpoint.
+    write the partial folder is removed and the error names the last complete checkpoint. `name` replaces the
+    folder's name ``checkpoint_<stage>`` (e.g. ``checkpoint_best``, which pruning and ``"latest"`` leave alone).
     """
     main = accelerator.is_main_process
-    partial, final = os.path.join(root, partial_name(stage)), os.path.join(root, checkpoint_name(stage))
+    name = name or checkpoint_name(stage)
+    partial, final = os.path.join(root, f".partial_{name}"), os.path.join(root, name)
     if main:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(root, exist_ok=True)

@@ -9,17 +9,15 @@ from trl import DDPOConfig
 
 from .advantages import RULES
 from .advantages.grpo import STD_MODES
+from .evaluation_config import EvaluationFields, evaluation_errors
 from .losses import LOSS_TYPES, LOSSES
 from .samplers import DDIMSampler
+from .scale_config import ScaleFields, scale_errors
 from .schedule import IntervalSchedule
-from .sharding import fsdp_config_errors
-
-# what compile_unet_kwargs may hold: torch.compile's keyword arguments
-COMPILE_ARGUMENTS = ("backend", "dynamic", "fullgraph", "mode", "options", "disable")
 
 
 @dataclass
-class B2DiffuRLConfig(DDPOConfig):
+class B2DiffuRLConfig(ScaleFields, EvaluationFields, DDPOConfig):
     r"""
     Configuration class for [`B2DiffuRLTrainer`].
 
@@ -70,6 +68,49 @@ class B2DiffuRLConfig(DDPOConfig):
         method (`str` or `None`, *optional*, defaults to `None`):
             The named method preset this configuration was built from ([`B2DiffuRLConfig.for_method`]); recorded
             for logs and model cards. Set by `for_method`.
+        eval_prompts (`list[str]` or `None`, *optional*, defaults to `None`):
+            Evaluation prompts, inline. At most one of `eval_prompts`, `eval_prompts_file` and
+            `eval_prompts_dataset` is given.
+        eval_prompts_file (`str` or `None`, *optional*, defaults to `None`):
+            A text file of evaluation prompts, one per line.
+        eval_prompts_dataset (`str` or `None`, *optional*, defaults to `None`):
+            A `datasets` dataset of evaluation prompts (Hub id, local dataset or `save_to_disk` folder), read from
+            `eval_prompts_dataset_split` (default `"train"`) and `eval_prompts_dataset_column` (default `"prompt"`).
+        eval_every (`int`, *optional*, defaults to `0`):
+            Evaluate after every `eval_every`-th stage and after the last one (0: off). An evaluation samples every
+            prompt once per seed of `eval_seeds` with the pipeline (with the EMA weights when `ema_decay > 0`),
+            scores the images with each of `eval_rewards`, and logs ``eval/<reward>`` with the stage's statistics
+            and a labelled grid image (``eval/grid``) to the trackers.
+        eval_seeds (`list[int]`, *optional*, defaults to `[0]`):
+            Noise seeds of the evaluation: a (prompt, seed) pair starts from the same noise at every evaluation,
+            on any number of processes and with any batch size.
+        eval_rewards (`list[str]`, *optional*, defaults to `[]`):
+            The rewards an evaluation scores with ([`~b2trl.rewards.get_reward`] names or
+            ``"package.module:function"``; ``"reward"`` is the training reward), each logged as ``eval/<name>``
+            (``eval/<function>`` for ``"package.module:function"``). Empty: the training reward, as
+            ``eval/reward``. Several rewards show reward hacking: the trained one rising while another falls.
+        save_best (`bool`, *optional*, defaults to `False`):
+            Keep the checkpoint whose evaluation was best by `metric_for_best_model` as
+            ``checkpoints/checkpoint_best`` (a complete checkpoint that `resume_from` accepts, also as
+            ``"best"``). Needs `eval_every > 0`.
+        metric_for_best_model (`str` or `None`, *optional*, defaults to `None`):
+            The evaluation metric that decides the best checkpoint and the evaluation-drop guard,
+            ``"eval/<name>"`` (the ``"eval/"`` prefix may be left out). Default: the first of `eval_rewards`.
+        greater_is_better (`bool`, *optional*, defaults to `True`):
+            Whether a higher `metric_for_best_model` is better.
+        load_best_model_at_end (`bool`, *optional*, defaults to `False`):
+            When training ends, restore the best checkpoint's weights (and EMA). Needs `save_best`. A run that the
+            guard stops restores it whether or not this is set.
+        on_collapse (`str`, *optional*, defaults to `"warn"`):
+            What the collapse guard does when the skew watch fires (the kept samples' advantages mostly negative,
+            see [`~b2trl.scoring.NegativeSkewWatch`]) or an evaluation falls more than `collapse_tolerance` below
+            the best: `"warn"` logs it; `"stop"` ends training after the stage (`train()` returns with the best
+            checkpoint's weights when `save_best`; `trainer.guard.stopped` says why); `"rollback"` restores the best
+            checkpoint and goes on with
+            `selection_rule="pairs"` (needs `save_best`). Each event is logged as ``guard/*`` statistics.
+        collapse_tolerance (`float` or `None`, *optional*, defaults to `None`):
+            An evaluation more than this far below the best, in the units of `metric_for_best_model`, counts as a
+            collapse. `None`: only the skew watch triggers the guard. Needs `eval_every > 0`.
         interval_schedule (`IntervalSchedule`, *optional*):
             Which denoising steps are trained at each stage (reference: the last 14 + floor(7k/100) of 20;
             `IntervalSchedule(anchor="start")` trains that many first steps instead).
@@ -238,41 +279,6 @@ class B2DiffuRLConfig(DDPOConfig):
             "the model's own (512 for SD1.5, 1024 for SDXL)."
         },
     )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={
-            "help": "Recompute the denoiser's activations in the backward pass instead of storing them: much less "
-            "training memory (SDXL at 1024 px needs it on most GPUs) for about a third more training time."
-        },
-    )
-    fsdp: bool = field(
-        default=False,
-        metadata={
-            "help": "Full fine-tuning sharded with FSDP2: each process holds a shard of the denoiser's parameters, "
-            "gradients and optimizer state. Also on under `accelerate launch --use_fsdp --fsdp_version 2`."
-        },
-    )
-    fsdp_kwargs: dict = field(
-        default_factory=dict,
-        metadata={
-            "help": "FSDP2 options as a JSON object (b2trl.sharding.FSDPOptions: reshard_after_forward, cpu_offload, "
-            "transformer_cls_names_to_wrap, min_num_params, param_dtype, reduce_dtype, activation_checkpointing); "
-            "they override the launcher's --fsdp_* settings."
-        },
-    )
-
-    ema_decay: float = field(
-        default=0.0,
-        metadata={
-            "help": "Exponential moving average of the trained weights with this decay (0: off; Flow-GRPO: 0.9 "
-            "every 8 steps). Kept in checkpoints, exported by save_pretrained(ema=True), used for evaluation."
-        },
-    )
-    ema_update_every: int = field(default=1, metadata={"help": "Optimizer steps between two EMA updates."})
-    ema_on_cpu: bool = field(
-        default=False,
-        metadata={"help": "Keep the EMA weights in CPU memory (for full fine-tuning of large models)."},
-    )
     method: Optional[str] = field(
         default=None,
         metadata={
@@ -305,31 +311,6 @@ class B2DiffuRLConfig(DDPOConfig):
     )
     train_num_inner_epochs: int = field(default=2, metadata={"help": "Passes over each stage's kept samples."})
     train_clip_range: float = field(default=0.1, metadata={"help": "PPO clip range epsilon."})
-
-    # speed
-    compile_unet: bool = field(
-        default=False,
-        metadata={
-            "help": "Compile the UNet with torch.compile, in place (LoRA saving/loading and DDP are unchanged). "
-            "Compilation takes minutes at the start; worth it for long GPU runs."
-        },
-    )
-    compile_unet_kwargs: dict = field(
-        default_factory=dict,
-        metadata={
-            "help": "torch.compile keyword arguments when compile_unet is set, as a JSON object, e.g. "
-            '\'{"mode": "max-autotune-no-cudagraphs"}\'.'
-        },
-    )
-    train_timesteps_per_forward: int = field(
-        default=2,
-        metadata={
-            "help": "Interval steps of a training micro-batch stacked into one UNet forward/backward. Same gradient; "
-            "activation memory grows with it (train_batch_size * this rows, doubled by CFG): set 1 if training runs "
-            "out of memory. A micro-batch with fewer than train_batch_size samples stacks more steps, up to the same "
-            "number of rows."
-        },
-    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -366,19 +347,9 @@ class B2DiffuRLConfig(DDPOConfig):
             )
         if self.rollout_chunk_size is not None:
             positive("rollout_chunk_size")
-        positive("train_timesteps_per_forward")
         if self.resolution is not None:
             positive("resolution", 8)
-        if not isinstance(self.compile_unet_kwargs, dict):
-            kind = type(self.compile_unet_kwargs).__name__
-            errors.append(f"compile_unet_kwargs must be a dict of torch.compile arguments, got {kind}.")
-        else:
-            unknown = sorted(set(self.compile_unet_kwargs) - set(COMPILE_ARGUMENTS))
-            if unknown:
-                errors.append(
-                    f"compile_unet_kwargs has unknown torch.compile arguments {unknown}; use {COMPILE_ARGUMENTS}."
-                )
-        errors.extend(fsdp_config_errors(self))
+        errors.extend(scale_errors(self))
         # the sampler checks its own settings (DDIM: eta > 0)
         errors.extend(DDIMSampler(self.sample_eta).validation_errors())
         if self.selection_threshold_best < self.selection_threshold_worst:
@@ -414,9 +385,6 @@ class B2DiffuRLConfig(DDPOConfig):
             errors.append(f"dpo_beta must be > 0, got {self.dpo_beta}.")
         if not self.kl_coef >= 0:
             errors.append(f"kl_coef must be >= 0 (0 turns the KL term off), got {self.kl_coef}.")
-        if not 0 <= self.ema_decay < 1:
-            errors.append(f"ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}.")
-        positive("ema_update_every")
         if self.method is not None:
             from .methods import METHODS
 
@@ -426,6 +394,7 @@ class B2DiffuRLConfig(DDPOConfig):
             errors.append(f"train_clip_range must be > 0, got {self.train_clip_range}.")
         if not self.train_adv_clip_max > 0:
             errors.append(f"train_adv_clip_max must be > 0, got {self.train_adv_clip_max}.")
+        errors.extend(evaluation_errors(self))
         if self.sample_num_steps >= 1:
             try:
                 self.interval_schedule.validate(self.sample_num_steps)

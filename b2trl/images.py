@@ -78,12 +78,14 @@ def generate_images(
     guidance_scale: Optional[float] = 5.0,
     eta: float = 1.0,
     batch_size: int = 64,
+    first_index: int = 0,
     **call_kwargs,
 ) -> torch.Tensor:
     """
     Sample every prompt once per seed, with noise that depends only on the seed and the prompt's position.
 
-    Every (prompt, seed) pair gets its own CPU ``torch.Generator``, seeded with ``seed * 100003 + index``, so the
+    Every (prompt, seed) pair gets its own CPU ``torch.Generator``, seeded with ``seed * 100003 + index`` (the
+    prompt's position, counted from `first_index`), so the
     samples do not depend on the batch size or the device, and a seed means the same starting noise for a base
     model and its fine-tune.
 
@@ -97,6 +99,8 @@ def generate_images(
         eta (`float`, *optional*, defaults to `1.0`): DDIM eta (flow-matching pipelines have none; they get the
             T5 length their model was trained with instead).
         batch_size (`int`, *optional*, defaults to `64`): prompts per pipeline call.
+        first_index (`int`, *optional*, defaults to `0`): the position of ``prompts[0]`` in a longer list, of which
+            `prompts` is a contiguous share (one process's, during evaluation): its noise is that of its position.
         call_kwargs: further arguments of the pipeline call (e.g. ``negative_prompt``).
 
     Returns:
@@ -116,7 +120,8 @@ def generate_images(
         per_seed = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            gens = [torch.Generator().manual_seed(int(seed) * 100_003 + start + i) for i in range(len(chunk))]
+            gens = [torch.Generator().manual_seed(int(seed) * 100_003 + first_index + start + i)
+                    for i in range(len(chunk))]
             images = pipe(
                 chunk,
                 num_inference_steps=num_inference_steps,
@@ -195,8 +200,9 @@ class BranchGridHook:
     An `image_samples_hook` that shows, once per stage, each group's branches side by side with their rewards:
     one row per prompt (its shared prefix), one column per branch.
 
-    With a TensorBoard or W&B tracker the grid is logged as the image ``branches``; without a tracker (or in
-    addition) it is saved as ``branches_<step>.png`` under `output_dir` when one is given.
+    With a TensorBoard, W&B or Trackio tracker the grid is logged as the image ``branches`` (see
+    [`~b2trl.trackers.log_image`]); without a tracker (or in addition) it is saved as ``branches_<step>.png``
+    under `output_dir` when one is given. The step is the stage index, where the trainer logs its statistics.
 
     Args:
         num_branches (`int`): the config's `num_branches`.
@@ -222,13 +228,10 @@ class BranchGridHook:
         )
 
     def __call__(self, prompt_image_data, global_step, tracker=None):
-        grid = self.grid(prompt_image_data)
-        if tracker is not None and getattr(tracker, "name", None) == "tensorboard":
-            tracker.writer.add_image("branches", np.asarray(grid), global_step, dataformats="HWC")
-        elif tracker is not None and getattr(tracker, "name", None) == "wandb":
-            import wandb
+        from .trackers import log_image
 
-            tracker.log({"branches": wandb.Image(grid)}, step=global_step)
+        grid = self.grid(prompt_image_data)
+        log_image(tracker, "branches", grid, global_step)
         if self.output_dir:
             os.makedirs(self.output_dir, exist_ok=True)
             grid.save(os.path.join(self.output_dir, f"branches_{global_step:06d}.png"))

@@ -31,6 +31,7 @@ from .losses import build_loss
 from .losses.reference import ReferencePolicy
 from .methods import check_sampler
 from .models import family_for_pipeline
+from .monitoring import TrainingMonitor
 from .sampling import StageSampling
 from .scoring import NegativeSkewWatch, stage_statistics
 from .sharding import build_sharding
@@ -41,7 +42,7 @@ from .update import PolicyUpdate
 logger = logging.get_logger(__name__)
 
 
-class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
+class B2DiffuRLTrainer(StageSampling, PolicyUpdate, TrainingMonitor, DDPOTrainer):
     """
     Trains a diffusion model with B²-DiffuRL: branch-based sampling and backward progressive training of the
     final denoising steps, against a sparse (end-of-trajectory) reward.
@@ -56,13 +57,16 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
         prompt_function (`Callable[[], tuple[str, Any]]`): Returns one `(prompt, metadata)` per call.
         sd_pipeline ([`~trl.DDPOStableDiffusionPipeline`]): The pipeline to fine-tune.
         image_samples_hook (`Callable[[Any, int, Any], Any]`, *optional*):
-            Called once per stage with `(prompt_image_data, global_step, tracker)`: a list of
+            Called once per stage with `(prompt_image_data, step, tracker)`: a list of
             [`~b2trl.stage.SampleBatch`] (each unpacks like TRL's `[images, prompts, metadata, rewards,
-            reward_metadata]`); `tracker` is `None` when no tracker is configured.
+            reward_metadata]`), the stage index (the step every statistic of the stage is logged at; TRL passes
+            its global step, the step TRL logs at) and the first tracker (`None` when no tracker is configured).
 
     After each stage, `trainer.last_stage` is its [`~b2trl.stage.Stage`] (rewards, normalised scores, keep mask
     and advantages of every process's samples, in sample order, and the logged statistics), and
-    `trainer.last_stage_stats` its statistics.
+    `trainer.last_stage_stats` its statistics. With `eval_every > 0` the trainer evaluates as it trains, keeps the
+    best checkpoint (`save_best`) and acts on a collapse (`on_collapse`); `trainer.evaluate()` runs one evaluation
+    now, and `trainer.guard` holds the best evaluation and the guard's events (see [`~b2trl.monitoring`]).
     """
 
     _tag_names = ["trl", "b2trl", "b2-diffurl"]
@@ -172,6 +176,7 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
         self.global_step = 0
         # called as fn(trainer, stats) after every stage, e.g. to write metrics to disk as training goes
         self.stage_end_callbacks: list[Callable[["B2DiffuRLTrainer", dict], None]] = []
+        self.setup_monitoring()  # evaluation, best checkpoint, collapse guard (b2trl/monitoring.py)
         if config.resume_from:
             self.resume(config.resume_from)
 
@@ -241,15 +246,22 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
         RNG states, stage, global step and per-prompt reward history. Every process takes part (FSDP and
         DeepSpeed need it); the folder appears only once complete.
         """
-        state = {"stage": stage, "global_step": self.global_step, "advantage_rule": self.rule.state_dict(),
-                 "compute": self.compute.state_dict()}
-        return ckpt.save_stage(self.accelerator, self.checkpoint_dir, stage, state)
+        return ckpt.save_stage(self.accelerator, self.checkpoint_dir, stage, self.checkpoint_state(stage))
+
+    def checkpoint_state(self, stage: int, global_step: Optional[int] = None) -> dict:
+        """What a checkpoint's ``b2trl_state.json`` holds besides accelerate's state: the stage, the global step,
+        the advantage rule's history, the compute counter, the collapse guard and the rule that runs."""
+        return {"stage": stage, "global_step": self.global_step if global_step is None else global_step,
+                "advantage_rule": self.rule.state_dict(), "compute": self.compute.state_dict(),
+                **self.monitoring_state()}
 
     def resume(self, resume_from: str) -> None:
-        """Restore a checkpoint (a folder, a run folder, or ``"latest"``); training continues after its stage."""
+        """Restore a checkpoint (a folder, a run folder, ``"latest"`` or ``"best"``); training continues after its
+        stage."""
         path = ckpt.resolve_resume_path(resume_from, self.checkpoint_dir)
         state = ckpt.read_state(path)
         self.accelerator.load_state(path)
+        self.load_monitoring_state(state)  # the guard, and the rule a rollback switched to
         # checkpoints written before the advantage seam hold the z-score rules' history on its own
         rule_state = state.get("advantage_rule", {"history": state["history"]} if "history" in state else {})
         if rule_state:
@@ -278,11 +290,12 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
             stage = self.sample_stage(epoch)
         with timer("rewards"):
             stage = self.score(stage)
-        self.call_image_hook(stage, global_step)
+        self.call_image_hook(stage, stage.index)  # at the step the stage's statistics are logged at
         stage = self.compute_advantages(stage)
         self.watch_skew(stage)
         with timer("training"):
             stage, global_step = self.train_stage(stage, global_step)
+        stage = self.monitor_stage(stage, global_step)  # evaluation, best checkpoint, collapse guard
         self.finish_stage(stage, timer, global_step)
         return global_step
 
@@ -296,10 +309,10 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
 
     def watch_skew(self, stage: Stage) -> None:
         """Warn once when the kept samples' advantages have been mostly negative (the loop that collapses a
-        model; see [`~b2trl.scoring.NegativeSkewWatch`])."""
+        model; see [`~b2trl.scoring.NegativeSkewWatch`]); the collapse guard acts on it at the stage's end."""
         warning = self.skew_watch.update(stage.stats)
         if warning:
-            logger.warning(warning)
+            self.notice_skew(stage, warning)
 
     def finish_stage(self, stage: Stage, timer: PhaseTimer, global_step: int) -> None:
         """Count the stage's compute, log its statistics, run the stage-end callbacks, checkpoint."""
@@ -363,8 +376,14 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
     # ------------------------------------------------------------------ loop
 
     def train(self, epochs: Optional[int] = None) -> int:
-        """Run stages `first_epoch .. epochs - 1` (default `config.num_epochs`); returns the global step."""
+        """
+        Run stages `first_epoch .. epochs - 1` (default `config.num_epochs`); returns the global step. With
+        ``on_collapse="stop"`` it returns early when the guard fires (`trainer.guard.stopped` is the event); with
+        `load_best_model_at_end` the best checkpoint is restored before it returns.
+        """
         epochs = self.config.num_epochs if epochs is None else epochs
+        self.final_stage = epochs - 1
+        self.guard.stopped = None
         bar = tqdm(
             range(self.first_epoch, epochs),
             desc="B²-DiffuRL stages",
@@ -380,7 +399,11 @@ class B2DiffuRLTrainer(StageSampling, PolicyUpdate, DDPOTrainer):
                 L=stats["interval_length"],
                 kept=f"{stats['groups_kept']}/{stats['groups_total']}",
             )
+            if self.guard.stopped is not None:
+                epochs = epoch + 1
+                break
         self.first_epoch = epochs
+        self.end_monitoring()
         return self.global_step
 
 

@@ -34,10 +34,11 @@ def test_branch_grid_hook_logs_groups_with_rewards(tiny_model_dir, tmp_path):
         log_with="tensorboard",
         project_kwargs={"project_dir": str(tmp_path), "logging_dir": str(tmp_path / "tb")},
     )
-    trainer.step(0, 7)
+    trainer.step(3, 7)
     trainer.accelerator.end_training()
     saved = list((tmp_path / "png").glob("branches_*.png"))
-    assert [p.name for p in saved] == ["branches_000007.png"]
+    # at the stage's index, the step its statistics are logged at (not the optimizer step)
+    assert [p.name for p in saved] == ["branches_000003.png"]
     from PIL import Image
 
     width, height = Image.open(saved[0]).size

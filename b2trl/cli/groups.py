@@ -26,7 +26,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                  "num_checkpoint_limit"),
     "precision & devices": ("mixed_precision", "allow_tf32", "compile_unet*", "accelerator_kwargs", "device",
                             "fsdp", "fsdp_*"),
-    "evaluation": ("eval_*", "heldout_*", "save_best", "*_best_*", "load_best_at_end", "on_collapse", "collapse_*"),
+    "evaluation": ("eval_*", "heldout_*", "save_best", "*_best_*", "load_best_model_at_end", "greater_is_better",
+                   "on_collapse", "collapse_*"),
     "logging & output": (
         "output_dir", "log_with", "tracker_*", "exp_name", "run_name", "logdir", "project_kwargs", "push_to_hub",
         "hub_*", "branch_images", "grid_*", "log_*",
