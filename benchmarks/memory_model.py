@@ -150,7 +150,11 @@ def _blocks(denoiser):
     """The denoiser's repeated blocks (the classes diffusers lists as not to be split), which gradient checkpointing
     wraps."""
     names = set(getattr(denoiser, "_no_split_modules", None) or [])
-    return [m for m in denoiser.modules() if type(m).__name__ in names]
+    found = [(path, m) for path, m in denoiser.named_modules() if type(m).__name__ in names]
+    paths = {path for path, _ in found}
+    # the outermost ones only (a UNet's up block holds resnets and transformer blocks of the listed classes too)
+    return [m for path, m in found
+            if not any(path.startswith(other + ".") for other in paths if other != path)]
 
 
 def predict(shape: str, resolution: int, rows: int, dtype: str = "bf16", lora: bool = True,

@@ -58,7 +58,12 @@ def run(name: str, threads: int) -> dict:
         "timesteps_per_forward": per_forward, "gradient_checkpointing": checkpointing,
         "stage_seconds": measured["seconds"]["total"], "sampling_seconds": measured["seconds"]["sampling"],
         "training_seconds": measured["seconds"]["training"], "wall_seconds": round(seconds, 1),
-        "peak_rss_gib": round(measured["process_max_rss_bytes"] / memory_model.GiB, 2),
+        # the stage's own peak (resident memory sampled while it ran), and the process's, which also holds the
+        # building of the random weights in float32 before they are cast
+        "peak_rss_gib": round(measured["peak_memory_bytes"]["step"] / memory_model.GiB, 2),
+        "peak_sampling_gib": round(measured["peak_memory_bytes"]["sampling"] / memory_model.GiB, 2),
+        "peak_training_gib": round((measured["peak_memory_bytes"]["training"] or 0) / memory_model.GiB, 2),
+        "process_max_rss_gib": round(measured["process_max_rss_bytes"] / memory_model.GiB, 2),
         "predicted": predicted,
     }
 
@@ -77,7 +82,9 @@ def main(argv=None):
             print(f"{name}: failed ({result['returncode']}): {result['error'][-300:]}", flush=True)
             continue
         print(f"{name:16} {result['resolution']} px {result['dtype']}: stage {result['stage_seconds']:7.1f} s, peak "
-              f"{result['peak_rss_gib']:5.1f} GiB, predicted {result['predicted']['total_gib']:5.1f} GiB", flush=True)
+              f"{result['peak_rss_gib']:5.1f} GiB (training {result['peak_training_gib']:5.1f}, process "
+              f"{result['process_max_rss_gib']:5.1f}), predicted {result['predicted']['total_gib']:5.1f} GiB",
+              flush=True)
         if args.out:
             common.write_json(args.out, {"machine": common.machine_description(shared_cpu=True), "runs": results})
     return results
