@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -324,3 +325,39 @@ def read_processor_config(name_or_path: str) -> dict | None:
                 return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+class LazyModel:
+    """
+    A scorer whose model loads on its first call (or on `to`), once, under a lock: processes and server threads
+    that share a scorer load it once and move it when asked for another device. A subclass calls
+    `_init_lazy(device)` in its constructor and defines `_load(device)` (which sets `self.model` last) and, if
+    moving takes more than `model.to`, `_move(device)`.
+    """
+
+    def _init_lazy(self, device) -> None:
+        self.device = torch.device(device) if device is not None else None
+        self.model = None
+        self._model_device: torch.device | None = None
+        self._lock = threading.RLock()
+
+    def to(self, device: str | torch.device | None = None):
+        """Load the model now (instead of on the first call) onto `device`; returns `self`."""
+        self._ensure_loaded(torch.device(device) if device is not None else (self.device or torch.device("cpu")))
+        return self
+
+    def _ensure_loaded(self, device: torch.device) -> None:
+        if self.model is not None and self._model_device == device:
+            return
+        with self._lock:
+            if self.model is None:
+                self._load(device)
+            elif self._model_device != device:
+                self._move(device)
+            self._model_device = device
+
+    def _load(self, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def _move(self, device: torch.device) -> None:
+        self.model.to(device)

@@ -7,13 +7,13 @@ loaded lazily on first call and cached) and one torch preprocessing (`base.clip_
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 from torch import nn
 
 from .base import (
     ClipImageSpec,
+    LazyModel,
     check_model_available,
     check_reward_inputs,
     clip_preprocess,
@@ -40,7 +40,7 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-class ClipRewardBase:
+class ClipRewardBase(LazyModel):
     """Lazy, thread-safe holder of a CLIP model, its tokenizer and its image settings.
 
     Subclasses implement `score(pixel_values, prompts)`. The model is loaded on the first call (or by
@@ -83,36 +83,17 @@ class ClipRewardBase:
         check_model_available(self.model_name_or_path, "model_name_or_path")
         if self.processor_name_or_path != self.model_name_or_path:
             check_model_available(self.processor_name_or_path, "processor_name_or_path")
-        self.device = torch.device(device) if device is not None else None
+        self._init_lazy(device)
         if isinstance(dtype, str):
             if not isinstance(getattr(torch, dtype, None), torch.dtype):
                 raise ValueError(f"`dtype` must be a torch dtype or its name (e.g. 'float16'), got {dtype!r}.")
             dtype = getattr(torch, dtype)
         self.dtype = dtype
         self.max_batch_size = max_batch_size
-        self.model = None
         self.tokenizer = None
         self.image_spec: ClipImageSpec | None = None
-        self._model_device: torch.device | None = None
-        self._lock = threading.RLock()
 
     # -- loading ------------------------------------------------------------------------------------------
-
-    def to(self, device: str | torch.device | None = None):
-        """Load the model now (instead of on the first call) onto `device`; returns `self`."""
-        target = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
-        self._ensure_loaded(target)
-        return self
-
-    def _ensure_loaded(self, device: torch.device) -> None:
-        if self.model is not None and self._model_device == device:
-            return
-        with self._lock:
-            if self.model is None:
-                self._load(device)
-            elif self._model_device != device:
-                self._move(device)
-            self._model_device = device
 
     def _load(self, device: torch.device) -> None:
         dtype = self.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -137,9 +118,6 @@ class ClipRewardBase:
 
     def _load_extra(self, model, device: torch.device) -> None:
         """Hook for subclasses that need more than the CLIP model."""
-
-    def _move(self, device: torch.device) -> None:
-        self.model.to(device)
 
     # -- embeddings ---------------------------------------------------------------------------------------
 

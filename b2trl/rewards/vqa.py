@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import inspect
 import os
-import threading
 from collections.abc import Sequence
 
 import torch
 
-from .base import check_model_available, check_reward_inputs, hub_loading
+from .base import LazyModel, check_model_available, check_reward_inputs, hub_loading
 
 VQA_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 VQA_TEMPLATE = 'Does this image show "{prompt}"? Please answer yes or no.'
@@ -71,7 +70,7 @@ def _to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in array]
 
 
-class VQAScore:
+class VQAScore(LazyModel):
     """Probability that a vision-language model answers "Yes" to "Does this image show "{prompt}"?".
 
     The question (`question_template` with the prompt inserted) and the image go through the model's chat template
@@ -157,33 +156,15 @@ class VQAScore:
         self.yes_tokens, self.no_tokens = tuple(yes_tokens), tuple(no_tokens)
         self.normalize = normalize
         self.system_prompt = system_prompt
-        self.device = torch.device(device) if device is not None else None
+        self._init_lazy(device)
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.processor_kwargs = dict(processor_kwargs or {})
-        self.model = None
         self.processor = None
         self.yes_ids: list[int] = []
         self.no_ids: list[int] = []
-        self._model_device: torch.device | None = None
-        self._lock = threading.RLock()
 
     # -- loading ------------------------------------------------------------------------------------------
-
-    def to(self, device: str | torch.device | None = None):
-        """Load the model now (instead of on the first call) onto `device`; returns `self`."""
-        self._ensure_loaded(torch.device(device) if device is not None else (self.device or torch.device("cpu")))
-        return self
-
-    def _ensure_loaded(self, device: torch.device) -> None:
-        if self.model is not None and self._model_device == device:
-            return
-        with self._lock:
-            if self.model is None:
-                self._load(device)
-            elif self._model_device != device:
-                self.model.to(device)
-            self._model_device = device
 
     def _answer_ids(self, tokenizer, answers, argument) -> list[int]:
         ids = []

@@ -141,3 +141,23 @@ def tiny_t5_encoder(tokenizer, d_model: int):
             eos_token_id=tokenizer.eos_token_id,
         )
     )
+
+
+def t5_encoder(tokenizer, tiny_width: bool, **shape):
+    """The `T5EncoderModel` of the real-shape SD3 and FLUX.1 builders: T5 v1.1's layout (gated GELU, 32 relative
+    position buckets up to distance 128) at `shape` (``d_model``, ``d_kv``, ``num_heads``, ``d_ff``, ``num_layers``),
+    over T5's 32,128-id vocabulary, or only `tokenizer`'s ids at a tiny width."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=32128 if not tiny_width else len(tokenizer),  # T5's vocabulary covers the character ids
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            **shape,
+        )
+    )

@@ -10,6 +10,7 @@ from .common import (
     char_tokenizer,
     clip_shaped_config,
     t5_char_tokenizer,
+    t5_encoder,
     tiny_clip_config,
     tiny_t5_encoder,
     tiny_vae,
@@ -145,7 +146,7 @@ def build_flux_pipeline(resolution: int = 1024, tiny_width: bool = False, seed: 
             the T5 tokenizer's ``model_max_length`` (16 with `tiny_width`, whatever is passed).
     """
     from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     if resolution % 16:
         raise ValueError(f"resolution must be a multiple of 16 (8x VAE, then 2x2 packing), got {resolution}.")
@@ -181,18 +182,7 @@ def build_flux_pipeline(resolution: int = 1024, tiny_width: bool = False, seed: 
     )
     text_encoder = CLIPTextModel(clip_shaped_config(clip_width, clip_layers, clip_heads, clip_length, "quick_gelu"))
     tokenizer_2 = t5_char_tokenizer(t5_max_length)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=32128 if not tiny_width else len(tokenizer_2),  # T5's vocabulary covers the 98 ids
-            feed_forward_proj="gated-gelu",
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
-            **t5_shape,
-        )
-    )
+    text_encoder_2 = t5_encoder(tokenizer_2, tiny_width, **t5_shape)
     with torch.device("cpu"):  # the scheduler keeps its sigmas on the CPU, which a meta-device build cannot copy to
         scheduler = _scheduler(not schnell)
     pipe = FluxPipeline(

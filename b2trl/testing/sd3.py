@@ -10,6 +10,7 @@ from .common import (
     char_tokenizer,
     clip_shaped_config,
     t5_char_tokenizer,
+    t5_encoder,
     tiny_clip_config,
     tiny_t5_encoder,
     tiny_vae,
@@ -148,7 +149,7 @@ def build_sd35_medium_pipeline(resolution: int = 1024, tiny_width: bool = False,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     if tiny_width:
@@ -197,18 +198,7 @@ def build_sd35_medium_pipeline(resolution: int = 1024, tiny_width: bool = False,
     text_encoder_3 = tokenizer_3 = None
     if with_t5:
         tokenizer_3 = t5_char_tokenizer(t5_max_length)
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=32128 if not tiny_width else len(tokenizer_3),  # T5's vocabulary covers the 98 ids
-                feed_forward_proj="gated-gelu",
-                relative_attention_num_buckets=32,
-                relative_attention_max_distance=128,
-                pad_token_id=tokenizer_3.pad_token_id,
-                eos_token_id=tokenizer_3.eos_token_id,
-                decoder_start_token_id=tokenizer_3.pad_token_id,
-                **t5_shape,
-            )
-        )
+        text_encoder_3 = t5_encoder(tokenizer_3, tiny_width, **t5_shape)
     with torch.device("cpu"):  # the scheduler keeps its sigmas on the CPU, which a meta-device build cannot copy to
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return StableDiffusion3Pipeline(
