@@ -12,16 +12,20 @@ again, one block at a time, during its recomputation. So, for any family, size a
 Sampling needs less than training (no saved activations) and is not modelled. The prediction is checked against
 peak resident memory measured on a CPU (`real_shapes.py`).
 
-    python benchmarks/memory_model.py                  # the table of docs/cost.md, every family at its own size
+    python benchmarks/memory_model.py                  # every family at its own size, 4 rows, bf16
+    python benchmarks/memory_model.py --grid --out benchmarks/results/memory_model.json   # docs/cost.md's table
     python benchmarks/memory_model.py --shape sd35m_no_t5 --resolution 256 --rows 8 --dtype fp32
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -74,6 +78,37 @@ def _flash_attention_stand_in():
     return attention
 
 
+@contextlib.contextmanager
+def _language_model_stand_in(pipe):
+    """A causal language model as text encoder (Qwen-Image's Qwen2.5-VL, Z-Image's Qwen3) cannot run on the meta
+    device: its attention mask and the pipelines' selection of each prompt's tokens read values. Its output only
+    sets the conditioning's shapes, so while prompts are encoded it is replaced by zeros of its width on the CPU
+    (the device to encode on is yielded: ``"cpu"`` then, ``"meta"`` for every other text encoder)."""
+    import torch
+
+    encoder = getattr(pipe, "text_encoder", None)
+    config = getattr(encoder, "config", None)
+    if config is None or not type(encoder).__name__.endswith(("ForConditionalGeneration", "Model")) \
+            or "Qwen" not in type(encoder).__name__:
+        yield "meta"
+        return
+    width = getattr(getattr(config, "text_config", config), "hidden_size")
+
+    class StandIn(torch.nn.Module):
+        dtype = torch.float32
+        device = torch.device("cpu")
+
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            hidden = torch.zeros(*input_ids.shape, width)
+            return SimpleNamespace(hidden_states=(hidden,) * 3, last_hidden_state=hidden)
+
+    pipe.text_encoder = StandIn()
+    try:
+        yield "cpu"
+    finally:
+        pipe.text_encoder = encoder
+
+
 def parameter_bytes(modules, dtype_bytes: int) -> int:
     return sum(p.numel() for m in modules if m is not None for p in m.parameters()) * dtype_bytes
 
@@ -93,9 +128,12 @@ def saved_activation_bytes(shape: str, pipe, rows: int, resolution: int, dtype, 
     for p in denoiser.parameters():
         p.requires_grad_(p.requires_grad if lora else True)
     size = (resolution, resolution)
-    with torch.no_grad():
-        cond = family.encode_prompts(pipe, ["a photograph of an astronaut riding a horse"] * rows, "meta", size)
-        uncond = family.encode_negative(pipe, "", "meta", size) if guidance else None
+    with torch.no_grad(), _language_model_stand_in(pipe) as device:
+        cond = family.encode_prompts(pipe, ["a photograph of an astronaut riding a horse"] * rows, device, size)
+        uncond = family.encode_negative(pipe, "", device, size) if guidance else None
+    # lengths and masks stay where they were encoded: a family may read them (Qwen-Image's text length)
+    cond = {k: v.to("meta") if v.is_floating_point() else v for k, v in cond.items()}
+    uncond = None if uncond is None else {k: v.to("meta") if v.is_floating_point() else v for k, v in uncond.items()}
     cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
     conditioning = Conditioning(cond, None if uncond is None else {
         k: (v.to(dtype) if v.is_floating_point() else v).expand(rows, *v.shape[1:]) for k, v in uncond.items()})
@@ -127,8 +165,14 @@ def saved_activation_bytes(shape: str, pipe, rows: int, resolution: int, dtype, 
     handles = [b.register_forward_pre_hook(enter) for b in blocks] + [b.register_forward_hook(leave) for b in blocks]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = _flash_attention_stand_in()
+    # Qwen-Image compares the negative prompt's rows to broadcast one (values a meta tensor lacks); here they are one
+    # row expanded, so one row is what it would find
+    one_row = mock.patch("b2trl.models.qwenimage.shared_row", lambda c: {k: v[:1] for k, v in c.items()})
+    # Z-Image decides per row whether guidance applies (at this timestep it does, on every row)
+    all_guided = mock.patch.object(type(family), "guided_rows", lambda self, t: torch.ones(len(t), dtype=torch.bool),
+                                   create=True)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), one_row, all_guided:
             family.predict(denoiser, latents, timesteps, conditioning, 5.0)
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
@@ -193,17 +237,31 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(BYTES), default="bf16")
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--grid", action="store_true",
+                        help="docs/cost.md's table: every shape at its own size, bf16, LoRA, 1/2/4 rows, and 1/4 rows "
+                        "with gradient checkpointing")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.grid:
+        settings = [(shape, SHAPES[shape][2], rows, "bf16", True, checkpointing)
+                    for shape in args.shape or list(SHAPES)
+                    for checkpointing, counts in ((False, (1, 2, 4)), (True, (1, 4))) for rows in counts]
+    else:
+        settings = [(shape, args.resolution or SHAPES[shape][2], rows, args.dtype, not args.full,
+                     args.gradient_checkpointing) for shape in args.shape or list(SHAPES) for rows in args.rows]
     results = []
-    for shape in args.shape or list(SHAPES):
-        for rows in args.rows:
-            resolution = args.resolution or SHAPES[shape][2]
-            result = predict(shape, resolution, rows, args.dtype, not args.full, args.gradient_checkpointing)
-            results.append(result)
-            print(f"{shape:13} {resolution:>5} px {rows:>3} rows {args.dtype}: weights {result['weights_gib']:6.1f} "
-                  f"+ trained {result['trained_state_gib']:6.1f} + activations {result['activations_gib']:6.1f} "
-                  f"= {result['total_gib']:6.1f} GiB", flush=True)
+    for shape, resolution, rows, dtype, lora, checkpointing in settings:
+        try:
+            result = predict(shape, resolution, rows, dtype, lora, checkpointing)
+        except RuntimeError as err:  # a forward that reads tensor values (Z-Image's per-caption lengths)
+            print(f"{shape:13} {resolution:>5} px {rows:>3} rows: not modelled on the meta device ({err})", flush=True)
+            results.append({"shape": shape, "resolution": resolution, "rows": rows, "dtype": dtype,
+                            "gradient_checkpointing": checkpointing, "error": str(err)})
+            continue
+        results.append(result)
+        print(f"{shape:13} {resolution:>5} px {rows:>3} rows {dtype}{' GC' if checkpointing else '   '}: weights "
+              f"{result['weights_gib']:6.1f} + trained {result['trained_state_gib']:6.1f} + activations "
+              f"{result['activations_gib']:6.1f} = {result['total_gib']:6.1f} GiB", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return results
