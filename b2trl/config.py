@@ -38,12 +38,14 @@ class B2DiffuRLConfig(ScaleFields, EvaluationFields, DDPOConfig):
             The best branch of a group is trained on if its z-score is at least this.
         selection_threshold_worst (`float`, *optional*, defaults to `-0.5`):
             The worst branch of a group is trained on if its z-score is below this.
-        selection_rule (`str`, *optional*, defaults to `"best_worst"`):
-            The advantage rule (`b2trl.advantages`): `"best_worst"` (the method), `"pairs"` (a group's best and
-            worst branches together when their z-scores differ by at least
-            `selection_threshold_best - selection_threshold_worst`, with advantages of +-half the difference, so each
-            group's advantages sum to zero), `"all"` (train on every branch with its z-score, DDPO-style) or
-            `"grpo"` (group-relative: ``(r - mean of the prompt's samples) / (std + 1e-4)``, no history).
+        selection_rule (`str`, *optional*, defaults to `"pairs"`):
+            The advantage rule (`b2trl.advantages`): `"pairs"` (a group's best and worst branches together when
+            their z-scores differ by at least `selection_threshold_best - selection_threshold_worst`, with advantages
+            of +-half the difference, so each group's advantages sum to zero), `"best_worst"` (the paper's: each of
+            the two kept on its own threshold, with its z-score; `for_method("b2")`), `"all"` (train on every branch
+            with its z-score, DDPO-style) or `"grpo"` (group-relative: ``(r - mean of the prompt's samples) /
+            (std + 1e-4)``, no history). The default is `"pairs"` because the paper's rule collapsed long runs once
+            most samples scored well, and the zero-sum one never did (docs/study_v3.md, "Defaults").
         history_stages (`int`, *optional*, defaults to `8`):
             Previous stages whose rewards are pooled with the current stage's for the per-prompt z-score (the
             `best_worst`, `pairs` and `all` rules).
@@ -177,11 +179,11 @@ class B2DiffuRLConfig(ScaleFields, EvaluationFields, DDPOConfig):
         default=-0.5, metadata={"help": "Keep a group's worst branch if its per-prompt z-score is < this."}
     )
     selection_rule: str = field(
-        default="best_worst",
+        default="pairs",
         metadata={
-            "help": "The advantage rule: 'best_worst' (B²-DiffuRL), 'pairs' (best and worst of a group together, "
-            "zero-sum advantages: for skewed rewards), 'all' (every sample with its per-prompt z-score) or 'grpo' "
-            "(group-relative advantages, no history: Flow-GRPO).",
+            "help": "The advantage rule: 'pairs' (a group's best and worst branch together, zero-sum advantages; the "
+            "default), 'best_worst' (B²-DiffuRL's own, --method b2), 'all' (every sample with its per-prompt "
+            "z-score) or 'grpo' (group-relative advantages, no history: Flow-GRPO).",
             "choices": list(RULES),
         },
     )
@@ -373,8 +375,8 @@ class B2DiffuRLConfig(ScaleFields, EvaluationFields, DDPOConfig):
             if needed is not None and self.effective_selection_rule != needed:
                 errors.append(
                     f"loss_type={self.loss_type!r} needs selection_rule={needed!r} (got {self.selection_rule!r}): "
-                    f"it trains each group's best and worst branch as a pair. Use selection_rule={needed!r} (the "
-                    "default 'best_worst' is taken as it)."
+                    f"it trains each group's best and worst branch as a pair. Use selection_rule={needed!r} "
+                    "('best_worst' is taken as it)."
                 )
             if needed == "pairs" and self.num_branches < 2:
                 errors.append(
@@ -405,7 +407,7 @@ class B2DiffuRLConfig(ScaleFields, EvaluationFields, DDPOConfig):
     @property
     def effective_selection_rule(self) -> str:
         """The rule that runs: `selection_rule`, except that a loss needing a rule (DPO: ``"pairs"``) takes it in
-        place of the default ``"best_worst"``."""
+        place of ``"best_worst"`` (so that `for_method("b2", loss_type="dpo")` is B² with the DPO loss)."""
         needed = LOSSES[self.loss_type].selection if self.loss_type in LOSSES else None
         if needed is not None and self.selection_rule == "best_worst":
             return needed

@@ -48,10 +48,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(
         "b2", "B²-DiffuRL: branch rollout over a backward-growing interval, best/worst selection, PPO-clip",
         "Hu et al., CVPR 2025, arXiv 2503.11240; github.com/hu-zijing/B2-DiffuRL",
+        settings={"selection_rule": "best_worst"},
     ),
     Method(
-        "b2_pairs", "B² with each group's best and worst branch together, zero-sum advantages ±gap/2",
-        "b2trl's study (docs/study.md): the variant that never collapsed",
+        "b2_pairs", "B² with each group's best and worst branch together, zero-sum advantages ±gap/2 (the "
+        "trainer's default rule)",
+        "b2trl's studies (docs/study.md, docs/study_v3.md): the variant that never collapsed",
         settings={"selection_rule": "pairs"},
     ),
     Method(

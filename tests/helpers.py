@@ -26,6 +26,9 @@ def small_config(**overrides) -> B2DiffuRLConfig:
         train_batch_size=2,
         train_gradient_accumulation_steps=2,
         interval_schedule=IntervalSchedule(initial_length=2, num_stages=4),
+        # the tiny model's branches barely differ: the paper's rule keeps a branch on its own threshold, so that
+        # most stages train; the default rule ("pairs", a gap of 1.0 between best and worst) often keeps none
+        selection_rule="best_worst",
         mixed_precision="no",
         save_freq=0,
         seed=0,

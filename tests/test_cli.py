@@ -21,6 +21,7 @@ TINY_RUN = [
     "--num_epochs", "2", "--sample_num_steps", "6", "--sample_batch_size", "2",
     "--sample_num_batches_per_epoch", "1", "--num_branches", "3", "--initial_length", "2", "--num_stages", "2",
     "--train_gradient_accumulation_steps", "1", "--reward", "helpers:brightness_reward",
+    "--selection_rule", "best_worst",  # see helpers.small_config
 ]
 
 
@@ -97,7 +98,9 @@ def test_the_toy_presets_and_flags_over_them():
     assert args.pretrained_model == "toy" and config.num_epochs == PRESET["num_epochs"]
     assert (config.sample_batch_size, config.num_branches, config.train_learning_rate) == (32, 2, 1e-3)
     assert config.interval_schedule.initial_length == 14 and config.interval_schedule.anchor == "end"
+    assert config.selection_rule == "pairs"  # the trainer's default rule; the flow preset keeps the paper's
     _, config, _ = toy_cli.parse_args(["--pretrained_model", "toy-sd3", "--train_learning_rate", "1e-4"])
+    assert config.selection_rule == "best_worst"
     assert (config.sample_batch_size, config.num_branches) == (16, 4) and config.noise_level == FLOW_PRESET[
         "noise_level"]
     assert config.interval_schedule.anchor == "start" and config.interval_schedule.interval(9, 20) == (0, 16)

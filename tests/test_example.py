@@ -14,6 +14,7 @@ TINY_RUN = [
     "--num_epochs", "2", "--sample_num_steps", "6", "--sample_batch_size", "2",
     "--sample_num_batches_per_epoch", "1", "--num_branches", "3", "--initial_length", "2", "--num_stages", "2",
     "--train_gradient_accumulation_steps", "1", "--reward", "helpers:brightness_reward",
+    "--selection_rule", "best_worst",  # see helpers.small_config
 ]
 
 

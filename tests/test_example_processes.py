@@ -21,6 +21,7 @@ TINY_RUN = [
     "--sample_num_steps", "6", "--sample_batch_size", "2", "--sample_num_batches_per_epoch", "1",
     "--num_branches", "3", "--initial_length", "2", "--train_gradient_accumulation_steps", "1",
     "--train_learning_rate", "1e-2", "--reward", "helpers:brightness_reward", "--prompts", "a cat", "a dog",
+    "--selection_rule", "best_worst",  # see helpers.small_config
 ]
 
 

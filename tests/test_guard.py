@@ -12,7 +12,9 @@ from helpers import lora_params, make_trainer, max_change
 
 
 def _trainer(model_dir, tmp_path, **overrides):
-    values = dict(eval_prompts=["a cat", "a dog"], eval_seeds=[0], eval_every=1, train_learning_rate=1e-2,
+    # the paper's rule: the one whose skewed stages the guard watches and whose rollback switches it to "pairs"
+    values = dict(selection_rule="best_worst", eval_prompts=["a cat", "a dog"], eval_seeds=[0], eval_every=1,
+                  train_learning_rate=1e-2,
                   project_kwargs={"project_dir": str(tmp_path)})
     values.update(overrides)
     trainer = make_trainer(model_dir, **values)

@@ -64,7 +64,10 @@ def test_every_method_is_listed_with_a_description_and_a_source():
     for name, line in methods.items():
         method = METHODS[name]
         assert method.description and method.source and line == f"{method.description} ({method.source})"
-    assert B2DiffuRLConfig.for_method("b2") == B2DiffuRLConfig(method="b2")  # the default is the paper's run
+    # the paper's run is the defaults with its own rule; the trainer's default rule is the zero-sum one
+    assert B2DiffuRLConfig.for_method("b2") == B2DiffuRLConfig(method="b2", selection_rule="best_worst")
+    assert B2DiffuRLConfig.for_method("b2_pairs") == B2DiffuRLConfig(method="b2_pairs")
+    assert B2DiffuRLConfig().selection_rule == "pairs"
 
 
 def test_for_method_applies_overrides_and_resolves_steps_from_the_final_step_count():

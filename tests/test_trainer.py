@@ -230,8 +230,18 @@ def test_updates_that_mostly_push_down_are_warned_about_once(tiny_model_dir, cap
         return torch.tensor([0.0 if i % 6 == 0 else 1.0 for i in range(images.shape[0])]), {}
 
     trainer = make_trainer(tiny_model_dir, reward=one_failure_per_group, num_branches=6, sample_batch_size=2,
-                           sample_num_batches_per_epoch=1, num_epochs=4)
+                           sample_num_batches_per_epoch=1, num_epochs=4, selection_rule="best_worst")
     with caplog.at_level("WARNING"):
         trainer.train()
     assert trainer.last_stage_stats["samples_kept_positive"] == 0
     assert sum("mostly negative" in r.getMessage() for r in caplog.records) == 1
+    # the trainer's default rule keeps each failure with its group's best, advantages summing to zero: no warning
+    caplog.clear()
+    trainer = make_trainer(tiny_model_dir, reward=one_failure_per_group, num_branches=6, sample_batch_size=2,
+                           sample_num_batches_per_epoch=1, num_epochs=4, selection_rule="pairs")
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    stats = trainer.last_stage_stats
+    assert stats["samples_kept_positive"] == stats["samples_kept_negative"] > 0
+    assert stats["kept_advantage_sum"] == pytest.approx(0.0, abs=1e-6)
+    assert not any("mostly negative" in r.getMessage() for r in caplog.records)
