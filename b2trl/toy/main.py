@@ -20,6 +20,8 @@ PRESET = dict(
     sample_batch_size=32,
     sample_num_batches_per_epoch=1,
     num_branches=2,
+    # the advantage rule is the trainer's default, "pairs": with the paper's "best_worst" this preset gained more
+    # at its budget but collapsed on one seed of three at three times it (docs/study_v3.md, "Defaults")
     train_batch_size=8,
     train_gradient_accumulation_steps=1,
     train_learning_rate=1e-3,
