@@ -99,6 +99,7 @@ def build_b2_trainer(args, logdir, loss_type: str = "ppo"):
         **({} if args.timesteps_per_forward is None else {"train_timesteps_per_forward": args.timesteps_per_forward}),
         interval_schedule=IntervalSchedule(initial_length=args.interval, milestones=[]),  # L stays fixed
         loss_type=loss_type,
+        selection_rule="best_worst",  # the paper's method (the DPO loss takes its pairs); not the trainer's default
         gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
         mixed_precision=args.mixed_precision,
         save_freq=0,
