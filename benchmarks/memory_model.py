@@ -131,12 +131,11 @@ def saved_activation_bytes(shape: str, pipe, rows: int, resolution: int, dtype, 
     with torch.no_grad(), _language_model_stand_in(pipe) as device:
         cond = family.encode_prompts(pipe, ["a photograph of an astronaut riding a horse"] * rows, device, size)
         uncond = family.encode_negative(pipe, "", device, size) if guidance else None
-    # lengths and masks stay where they were encoded: a family may read them (Qwen-Image's text length)
-    cond = {k: v.to("meta") if v.is_floating_point() else v for k, v in cond.items()}
-    uncond = None if uncond is None else {k: v.to("meta") if v.is_floating_point() else v for k, v in uncond.items()}
-    cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
-    conditioning = Conditioning(cond, None if uncond is None else {
-        k: (v.to(dtype) if v.is_floating_point() else v).expand(rows, *v.shape[1:]) for k, v in uncond.items()})
+    def on_meta(tensors):  # lengths and masks stay where they were encoded: a family may read them (Qwen-Image's)
+        return {k: v.to("meta", dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+    conditioning = Conditioning(on_meta(cond), None if uncond is None else {
+        k: v.expand(rows, *v.shape[1:]) for k, v in on_meta(uncond).items()})
     latents = torch.empty(family.latent_shape(pipe, rows, size), device="meta", dtype=dtype)
     flow = family.name != "sd" and family.name != "sdxl"
     timesteps = torch.full((rows,), 500.0 if flow else 500, device="meta",
