@@ -7,7 +7,7 @@ process each (so each peak is its own), and sets the measured peak resident memo
 `memory_model.py`'s prediction for the same settings.
 
     python benchmarks/real_shapes.py --out benchmarks/results/real_shapes_cpu.json
-    python benchmarks/real_shapes.py --runs sd15 --out /tmp/sd15.json
+    python benchmarks/real_shapes.py --runs sd15 --out benchmarks/results/real_shapes_cpu.json   # redo one run
 """
 
 from __future__ import annotations
@@ -74,9 +74,13 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    machine = common.machine_description(shared_cpu=True)
+    # the runs already in --out that this call does not redo stay, each with the machine it ran on
+    earlier = json.loads(Path(args.out).read_text())["runs"] if args.out and Path(args.out).exists() else []
+    kept = [r for r in earlier if r["name"] not in args.runs]
     results = []
     for name in args.runs:
-        result = run(name, args.threads)
+        result = {**run(name, args.threads), "machine": machine}
         results.append(result)
         if "error" in result:
             print(f"{name}: failed ({result['returncode']}): {result['error'][-300:]}", flush=True)
@@ -86,7 +90,7 @@ def main(argv=None):
               f"{result['process_max_rss_gib']:5.1f}), predicted {result['predicted']['total_gib']:5.1f} GiB",
               flush=True)
         if args.out:
-            common.write_json(args.out, {"machine": common.machine_description(shared_cpu=True), "runs": results})
+            common.write_json(args.out, {"machine": machine, "runs": kept + results})
     return results
 
 
