@@ -249,10 +249,10 @@ def main(argv=None):
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise SystemExit(f"error: unknown methods {unknown}; known: {', '.join(METHODS)}")
-        torch.set_num_threads(args.threads)
-        os.environ.setdefault("TQDM_DISABLE", "1")
         if args.quick and not args.output_dir:
             raise SystemExit("error: --quick writes into --output_dir, never into the study's results")
+        torch.set_num_threads(args.threads)
+        os.environ.setdefault("TQDM_DISABLE", "1")
         out = Path(args.output_dir or RESULTS) / f"{args.task}_{args.model}"
         runs = out / "runs"
         runs.mkdir(parents=True, exist_ok=True)

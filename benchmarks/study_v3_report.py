@@ -60,6 +60,16 @@ def _at(record: dict, label: str, task: str):
     return None if point is None else metric(point, task)
 
 
+def base_standard_error(records: list[dict], task: str):
+    """The standard error of the base model's held-out score where it is a proportion (the relation attribute: one
+    yes/no per held-out image), else None."""
+    if task != "relation":
+        return None
+    start = records[0]["curve"][0]
+    p, n = metric(start, task), start["num_images"]
+    return float(np.sqrt(p * (1 - p) / n))
+
+
 def summarize(records: list[dict], task: str, order=()) -> dict:
     """Per method: its seeds' scores at every compute and image point, collapses, compute to reach base + 0.05."""
     base = float(np.mean([metric(r["curve"][0], task) for r in records]))
@@ -68,7 +78,8 @@ def summarize(records: list[dict], task: str, order=()) -> dict:
     for record in sorted(records, key=lambda r: (rank.get(r["method"], len(rank)), r["method"])):
         methods.setdefault(record["method"], []).append(record)
     points = sorted({p["label"] for r in records for p in r["curve"] if p["label"].startswith("compute")})
-    summary = {"base": base, "points": points, "methods": {}}
+    summary = {"base": base, "points": points, "methods": {}, "base_se": base_standard_error(records, task),
+               "base_images": records[0]["curve"][0]["num_images"]}
     for method, runs in methods.items():
         runs = sorted(runs, key=lambda r: r["seed"])
         by_point = {label: [_at(r, label, task) for r in runs] for label in points}
@@ -102,15 +113,25 @@ def render_section(task: str, model: str, summary: dict) -> str:
     lines.append(f"Base model: held-out {score} **{summary['base']:.3f}**. Budget: {budget:,.0f} forward-row "
                  f"equivalents per run. Mean ± SD over training seeds; a run is counted as collapsed when its last "
                  f"score is more than {COLLAPSE_DROP} below the base.")
+    se = summary["base_se"]
+    if se is not None:
+        lines.append(f"The base's score is a proportion over {summary['base_images']} held-out images: standard error "
+                     f"{se:.3f}, so a method moves it when its score at the budget is more than {2 * se:.3f} (twice "
+                     f"that) from the base.")
     lines += ["", "### At equal compute", ""]
     header = ["method", "seeds", *[p.replace("compute ", "") + " of the budget" for p in summary["points"]],
               "images at budget", "collapsed", "diversity", "rows to reach base + 0.05"]
+    if se is not None:
+        header.append("change at budget")
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for method, m in summary["methods"].items():
         reach = f"{m['reach_rows'] / 1e3:,.0f}k" if m["reach_rows"] is not None else "not reached"
         row = [f"`{method}`", str(len(m["seeds"])), *[_cell(m["by_point"][p]) for p in summary["points"]],
                f"{np.mean(m['images_at_budget']):,.0f}", f"{m['collapsed']} of {len(m['seeds'])}",
                _diversity(m["diversity"]), reach]
+        if se is not None:
+            change = float(np.mean(m["finals"])) - summary["base"]
+            row.append(f"{change:+.3f}" + (" (moved)" if abs(change) > 2 * se else " (within 2 SE)"))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "### At equal images", ""]
     header = ["method", "640 images", "1,280 images", "1,920 images"]
