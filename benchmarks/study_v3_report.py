@@ -116,8 +116,8 @@ def render_section(task: str, model: str, summary: dict) -> str:
     se = summary["base_se"]
     if se is not None:
         lines.append(f"The base's score is a proportion over {summary['base_images']} held-out images: standard error "
-                     f"{se:.3f}, so a method moves it when its score at the budget is more than {2 * se:.3f} (twice "
-                     f"that) from the base.")
+                     f"{se:.3f}, so a method moves it when its seeds' mean at the budget is more than "
+                     f"{2 * se:.3f} (twice that) from the base.")
     lines += ["", "### At equal compute", ""]
     header = ["method", "seeds", *[p.replace("compute ", "") + " of the budget" for p in summary["points"]],
               "images at budget", "collapsed", "diversity", "rows to reach base + 0.05"]
@@ -131,7 +131,8 @@ def render_section(task: str, model: str, summary: dict) -> str:
                _diversity(m["diversity"]), reach]
         if se is not None:
             change = float(np.mean(m["finals"])) - summary["base"]
-            row.append(f"{change:+.3f}" + (" (moved)" if abs(change) > 2 * se else " (within 2 SE)"))
+            moved = " (moved up)" if change > 2 * se else " (moved down)" if change < -2 * se else " (within 2 SE)"
+            row.append(f"{change:+.3f}{moved}")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "### At equal images", ""]
     header = ["method", "640 images", "1,280 images", "1,920 images"]

@@ -134,6 +134,9 @@ def test_report_tables_collapses_reach_and_relation_standard_error(report, tmp_p
     for seed, finals in enumerate([0.1, 0.41, 0.42]):  # one collapse; mean change -0.09: within 2 SE
         report_run = _run("relation", "dear", seed, [base, 0.4, 0.4, 0.4, finals], [0, 160, 320, 480, 640])
         (runs / f"dear_seed{seed}.json").write_text(json.dumps(report_run))
+    for seed, finals in enumerate([0.25, 0.25, 0.28]):  # mean change -0.14: moved, the wrong way
+        report_run = _run("relation", "worse", seed, [base, 0.4, 0.3, 0.3, finals], [0, 160, 320, 480, 640])
+        (runs / f"worse_seed{seed}.json").write_text(json.dumps(report_run))
     (runs / "dear_seed3.partial.json").write_text(json.dumps(_run("relation", "dear", 3, [base] * 5, [0] * 5)))
     running = _run("relation", "dear", 4, [base, 0.9, 0.9, 0.9, 0.9], [0, 1, 2, 3, 4], status="running")
     (runs / "dear_seed4.json").write_text(json.dumps(running))
@@ -152,7 +155,8 @@ def test_report_tables_collapses_reach_and_relation_standard_error(report, tmp_p
     assert f"| {np.mean([0.5, 0.56, 0.53]):.3f} ± {np.std([0.5, 0.56, 0.53], ddof=1):.3f} |" in cheap
     assert "| 3,200 | 0 of 3 |" in cheap  # images at the budget, no collapse
     assert "| 100k |" in cheap  # base + 0.05 = 0.45 first reached at 1/4 of the budget
-    assert cheap.endswith(f"| {np.mean([0.5, 0.56, 0.53]) - base:+.3f} (moved) |")
+    assert cheap.endswith(f"| {np.mean([0.5, 0.56, 0.53]) - base:+.3f} (moved up) |")
+    assert rows["`worse`"].endswith(f"| {np.mean([0.25, 0.25, 0.28]) - base:+.3f} (moved down) |")
     assert "| `dear` | — (budget spent before) | — (budget spent before) | — (budget spent before) |" in equal_images
     assert "| `cheap` | 0.440 ± 0.000 | — (budget spent before) |" in equal_images
     assert "_Not written yet._" in text
