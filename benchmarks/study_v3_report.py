@@ -108,9 +108,9 @@ def _diversity(values) -> str:
 
 def render_section(task: str, model: str, summary: dict) -> str:
     lines = [f"## {TASK_TITLES.get((task, model), f'{task}, {model}')}", ""]
-    score = "the relation attribute" if task == "relation" else "alignment"
+    score = "the relation attribute on held-out relation prompts" if task == "relation" else "held-out alignment"
     budget = next(iter(summary["methods"].values()))["budget_rows"]
-    lines.append(f"Base model: held-out {score} **{summary['base']:.3f}**. Budget: {budget:,.0f} forward-row "
+    lines.append(f"Base model: {score} **{summary['base']:.3f}**. Budget: {budget:,.0f} forward-row "
                  f"equivalents per run. Mean ± SD over training seeds; a run is counted as collapsed when its last "
                  f"score is more than {COLLAPSE_DROP} below the base.")
     se = summary["base_se"]
