@@ -53,7 +53,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(
         "b2_pairs", "B² with each group's best and worst branch together, zero-sum advantages ±gap/2 (the "
         "trainer's default rule)",
-        "b2trl's studies (docs/study.md, docs/study_v3.md): the variant that never collapsed",
+        "b2trl's studies (docs/study.md, docs/study_v3.md): the variant that did not collapse on the alignment reward",
         settings={"selection_rule": "pairs"},
     ),
     Method(

@@ -74,7 +74,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    machine = common.machine_description(shared_cpu=True)
+    # the runs are child processes: the threads they ran with are --threads, not this process's
+    machine = {**common.machine_description(shared_cpu=True), "torch_threads": args.threads}
     # the runs already in --out that this call does not redo stay, each with the machine it ran on
     earlier = json.loads(Path(args.out).read_text())["runs"] if args.out and Path(args.out).exists() else []
     kept = [r for r in earlier if r["name"] not in args.runs]

@@ -18,9 +18,10 @@ def test_a_rerun_replaces_its_own_runs_and_keeps_the_others(tmp_path, monkeypatc
     measured = {"resolution": 512, "dtype": "bf16", "stage_seconds": 1.0, "peak_rss_gib": 3.0, "peak_training_gib": 3.0,
                 "process_max_rss_gib": 3.0, "predicted": {"total_gib": 2.5}}
     monkeypatch.setattr(script, "run", lambda name, threads: {"name": name, **measured})
-    script.main(["--runs", "sdxl", "--out", str(out)])
+    script.main(["--runs", "sdxl", "--out", str(out), "--threads", "1"])
     record = json.loads(out.read_text())
     assert [r["name"] for r in record["runs"]] == ["sd15", "sdxl"]
     assert record["runs"][0] == {"name": "sd15", "peak_rss_gib": 1.0, "machine": old_machine}  # kept as it was
     assert record["runs"][1]["peak_rss_gib"] == 3.0 and record["runs"][1]["machine"] == record["machine"]
     assert record["machine"] != old_machine
+    assert record["machine"]["torch_threads"] == 1  # what the measured child process ran with
